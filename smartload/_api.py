@@ -1,0 +1,121 @@
+"""The public verbs: :func:`load` and :func:`diff`. torch is imported on first use, not on import."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._report import LoadPlan, LoadReport
+
+if TYPE_CHECKING:
+    import torch
+
+    from .adapters import Adapter
+
+__all__ = ["diff", "load"]
+
+logger = logging.getLogger("smartload")
+
+
+def diff(
+    model: torch.nn.Module,
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    num_classes: int | None = None,
+    class_map: Sequence[int | str | None] | Mapping[int, int | str | None] | None = None,
+    policies: Mapping[str, str] | None = None,
+    ema: bool = False,
+    rename: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    state_dict_path: Sequence[str] | None = None,
+    source_classes: Sequence[str] | None = None,
+    target_classes: Sequence[str] | None = None,
+    adapter: Adapter | None = None,
+    allow_globals: Sequence[str] = (),
+) -> LoadPlan:
+    """The plan :func:`load` would follow: one entry per model key. Touches nothing.
+
+    Raises :class:`IncompatibleCheckpointError` listing every key no policy can place.
+    """
+    from ._plan import make_plan
+
+    return make_plan(
+        model,
+        checkpoint,
+        num_classes=num_classes,
+        class_map=class_map,
+        policies=policies,
+        ema=ema,
+        rename=rename,
+        state_dict_path=state_dict_path,
+        source_classes=source_classes,
+        target_classes=target_classes,
+        adapter=adapter,
+        allow_globals=allow_globals,
+    )
+
+
+def load(
+    model: torch.nn.Module,
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    num_classes: int | None = None,
+    class_map: Sequence[int | str | None] | Mapping[int, int | str | None] | None = None,
+    policies: Mapping[str, str] | None = None,
+    report_path: str | os.PathLike[str] | None = None,
+    dry_run: bool = False,
+    ema: bool = False,
+    rename: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    state_dict_path: Sequence[str] | None = None,
+    source_classes: Sequence[str] | None = None,
+    target_classes: Sequence[str] | None = None,
+    adapter: Adapter | None = None,
+    on_nonfinite: str = "error",
+    allow_globals: Sequence[str] = (),
+) -> LoadReport:
+    """Load ``checkpoint`` into ``model``, key by key, and report what was done.
+
+    - ``num_classes``: the model's class count; class-count heads that differ from the
+      checkpoint's are sliced (with ``class_map``) or re-initialised.
+    - ``class_map``: for each new class, the checkpoint class (index, or name with
+      ``source_classes``) whose rows it takes, or None. ``source_classes`` + ``target_classes``
+      derive one by name.
+    - ``policies``: ``{glob over model keys: "copy" | "slice" | "reinit-normal" | "skip"}``.
+    - ``ema``: load the EMA weights (``state_dict_ema``, ``model_ema`` ...) instead of the raw ones.
+    - ``rename``: ``{regex: replacement}`` applied to checkpoint keys first.
+    - ``on_nonfinite``: ``"error"`` (default) refuses NaN/Inf in floating tensors; ``"allow"``.
+    - ``allow_globals``: hostile-listed globals you accept outside the state dict (kept inert).
+
+    All or nothing: on any error the model is unchanged. With ``dry_run`` nothing is read beyond
+    the structure and the model is not touched. ``report_path`` receives the JSON report.
+    """
+    plan = diff(
+        model,
+        checkpoint,
+        num_classes=num_classes,
+        class_map=class_map,
+        policies=policies,
+        ema=ema,
+        rename=rename,
+        state_dict_path=state_dict_path,
+        source_classes=source_classes,
+        target_classes=target_classes,
+        adapter=adapter,
+        allow_globals=allow_globals,
+    )
+    if not dry_run:
+        from ._apply import apply_plan
+
+        apply_plan(model, plan, on_nonfinite=on_nonfinite)
+    report = LoadReport(**{f: getattr(plan, f) for f in _OUTCOME_FIELDS}, dry_run=dry_run)
+    if report_path is not None:
+        report.save(report_path)
+    logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
+    return report
+
+
+_OUTCOME_FIELDS = (
+    "checkpoint", "format", "state_dict_path", "entries", "unused", "heads", "ema",
+    "other_state_dicts", "extras", "inert_globals", "adapter", "notes",
+)  # fmt: skip

@@ -1,0 +1,125 @@
+"""Apply a plan, all or nothing: read and check everything first, then copy into the model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ._report import LoadPlan, PlanEntry
+from ._tensors import Materializer
+from .errors import CheckpointFormatError, InvalidArgumentError
+
+__all__ = ["apply_plan"]
+
+NONFINITE_CHOICES = ("error", "allow")
+
+
+def apply_plan(model: torch.nn.Module, plan: LoadPlan, *, on_nonfinite: str = "error") -> None:
+    """Load ``plan`` into ``model``. On any error the model is left exactly as it was.
+
+    Phase 1 reads every source tensor (memory-mapped), checks its shape and values and builds the
+    new head rows; nothing in the model changes. Phase 2 copies under ``no_grad`` into the existing
+    tensors (``copy_``), so parameter identity, dtype and device are kept.
+    """
+    if on_nonfinite not in NONFINITE_CHOICES:
+        raise InvalidArgumentError(
+            f"on_nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, not {on_nonfinite!r}"
+        )
+    targets = {
+        k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)
+    }
+    materializer = Materializer(plan.sources, verify_crc=True)
+    values: dict[str, torch.Tensor] = {}
+    nonfinite: list[str] = []
+    for entry in plan.entries:
+        if entry.action == "skip":
+            continue
+        target = targets.get(entry.key)
+        if target is None or tuple(target.shape) != entry.model_shape:
+            raise InvalidArgumentError(
+                f"the model changed after the plan was made (key {entry.key!r}); plan again"
+            )
+        source = None
+        if entry.action in ("copy", "slice"):
+            assert entry.source is not None
+            source = materializer.tensor(plan.tensors[entry.source])
+            if tuple(source.shape) != entry.ckpt_shape:
+                raise CheckpointFormatError(plan.checkpoint, f"tensor {entry.source!r} changed shape")
+            if on_nonfinite == "error" and (problem := _nonfinite(source)):
+                nonfinite.append(f"{entry.source} ({problem})")
+                continue
+        values[entry.key] = _value(entry, source, target)
+    if nonfinite:
+        raise CheckpointFormatError(
+            plan.checkpoint,
+            f"non-finite values in {len(nonfinite)} tensor(s): {', '.join(nonfinite[:10])}"
+            + (" ..." if len(nonfinite) > 10 else ""),
+            "Nothing was loaded. The weights are broken (diverged training?); pass "
+            "on_nonfinite='allow' to load them anyway, or policies={key: 'reinit-normal'}",
+        )
+    _commit(model, targets, values)
+
+
+def _nonfinite(t: torch.Tensor) -> str:
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return ""
+    if bool(torch.isfinite(t).all()):
+        return ""
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    return ", ".join(part for part in (f"{nan} NaN" * bool(nan), f"{inf} Inf" * bool(inf)) if part)
+
+
+def _value(entry: PlanEntry, source: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+    if entry.action == "copy":
+        assert source is not None
+        return source
+    dtype = target.dtype if target.is_floating_point() else torch.float32
+    new = torch.empty(entry.model_shape, dtype=dtype)
+    if entry.fill is not None:
+        new.fill_(entry.fill)
+    else:
+        new.normal_(0.0, entry.std)
+    if entry.action == "slice" and source is not None and entry.rows is not None:
+        pairs = [(i, r) for i, r in enumerate(entry.rows) if r is not None]
+        if pairs:
+            new_idx = torch.tensor([i for i, _ in pairs])
+            old_idx = torch.tensor([r for _, r in pairs])
+            new.index_copy_(entry.dim, new_idx, source.index_select(entry.dim, old_idx).to(dtype))
+    return new
+
+
+def _commit(
+    model: torch.nn.Module, targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+) -> None:
+    custom = _custom_loaders(model)
+    routed: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for key, value in values.items():
+            owner = key.rpartition(".")[0]
+            if owner in custom:
+                routed.setdefault(owner, {})[key] = value
+            else:
+                targets[key].copy_(value)
+        for owner, state in routed.items():
+            errors: list[str] = []
+            prefix = owner + "." if owner else ""
+            custom[owner]._load_from_state_dict(state, prefix, {}, False, [], [], errors)
+            if errors:
+                raise CheckpointFormatError("<model>", f"module {owner!r} refused: {errors[0]}")
+
+
+def _custom_loaders(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Modules whose loading must go through their own ``_load_from_state_dict`` or hooks.
+
+    BatchNorm's override only fills in ``num_batches_tracked`` for very old checkpoints, which a
+    copy by name already handles (the key is then "missing" and keeps the model's value).
+    """
+    base = torch.nn.Module._load_from_state_dict
+    norm = torch.nn.modules.batchnorm._NormBase._load_from_state_dict
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m)._load_from_state_dict not in (base, norm) or m._load_state_dict_pre_hooks
+    }

@@ -1,0 +1,534 @@
+"""Reading checkpoint files: format detection and structure, without torch and without tensor data.
+
+:func:`read` returns a :class:`RawCheckpoint`: the file's object tree with tensors as records
+(:class:`TensorRecord` for torch and safetensors files, :class:`ArrayRecord` for numpy pickles), and
+for every storage the byte range in which its data lies. Nothing here reads tensor bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import mmap
+import os
+import stat
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from ._unpickler import DTYPE_ITEMSIZE, StorageRef, TensorRecord, unpickle
+from .errors import CheckpointFormatError
+
+__all__ = ["RawCheckpoint", "Source", "read"]
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+    "F8_E8M0": "float8_e8m0fnu",
+}  # fmt: skip
+_ZIP_FORBIDDEN_FLAGS = 0x1 | 0x40 | 0x2000  # encrypted, strong encryption, masked directory
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a storage's bytes are: ``nbytes`` at ``offset`` in ``file``; ``crc`` if the zip has one."""
+
+    file: str
+    offset: int
+    nbytes: int
+    crc: int | None = None
+
+
+@dataclass
+class RawCheckpoint:
+    path: str
+    format: str
+    tree: Any
+    sources: dict[str, Source] = field(default_factory=dict)
+    globals: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read(
+    path: str | os.PathLike[str], *, symbolic: bool = False, allow_globals: Iterable[str] = ()
+) -> RawCheckpoint:
+    """Read a checkpoint file or directory's structure. See the module docstring."""
+    path = os.fspath(path)
+    allow = frozenset(allow_globals)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointFormatError(path, "no such file or directory") from None
+    except OSError as exc:
+        raise CheckpointFormatError(path, f"cannot stat: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return _read_directory(path, symbolic, allow)
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointFormatError(
+            path, "not a regular file (a device, FIFO or socket)", "Pass the checkpoint file itself"
+        )
+    if st.st_size == 0:
+        raise CheckpointFormatError(path, "empty file (0 bytes)", "The download or save failed")
+    with open(path, "rb") as f:
+        head = f.read(512)
+    kind = _sniff(path, head, st.st_size)
+    if kind == "zip":
+        return _read_torch_zip(path, symbolic, allow)
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    if kind == "index":
+        return _read_index(path, symbolic, allow)
+    return _read_pickle(path, symbolic, allow)
+
+
+def _sniff(path: str, head: bytes, size: int) -> str:
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if n <= size - 8:
+            return "safetensors"
+    if head.startswith(b"{"):
+        return "index"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if head[:1] in (b"(", b"}", b"]", b"c") and size > 1:  # protocol 0/1 pickles (py2 .pkl)
+        return "pickle"
+    if head.startswith(b"\x1f\x8b"):
+        problem, hint = "gzip-compressed data", "Decompress it first (gunzip) and pass the result"
+    elif head[257:262] == b"ustar":
+        problem = "a tar archive (torch's pre-0.4 legacy tar format, or not a checkpoint)"
+        hint = "Re-save it with a current torch in a trusted environment, or get a newer release"
+    elif head.startswith(b"\x89PNG"):
+        problem, hint = "a PNG image, not a checkpoint", "Check the file you downloaded"
+    elif len(head) >= 8 and head[8:9] == b"{":
+        problem = "a safetensors header length larger than the file (truncated)"
+        hint = "Download the file again"
+    else:
+        problem = f"unknown format (starts with {head[:8].hex(' ')})"
+        hint = (
+            "smartload reads torch .pth/.pt/.bin/.ckpt, safetensors, detectron2 .pkl and "
+            "*.index.json shard indexes"
+        )
+    raise CheckpointFormatError(path, problem, hint)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch zip
+
+
+def _read_torch_zip(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointFormatError(path, f"corrupt zip archive ({exc})", "Download it again") from None
+    with archive, open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            members = _check_zip_directory(path, archive, size)
+            pkl = [name for name in members if name.rpartition("/")[2] == "data.pkl"]
+            if any("/code/" in name or name.endswith("constants.pkl") for name in members):
+                raise CheckpointFormatError(
+                    path,
+                    "a TorchScript archive (it contains code/ and constants.pkl)",
+                    "smartload never runs TorchScript; export a state dict with "
+                    "torch.save(model.state_dict()) from code you trust",
+                )
+            if len(pkl) != 1 or pkl[0].count("/") != 1:
+                raise CheckpointFormatError(
+                    path,
+                    f"expected exactly one <name>/data.pkl in the zip, found {len(pkl)}",
+                    "This is not a torch.save archive",
+                )
+            prefix = pkl[0][: -len("data.pkl")]
+            order = members.get(prefix + "byteorder")
+            if order is not None and _member_bytes(path, mm, order) != b"little":
+                raise CheckpointFormatError(path, "a big-endian checkpoint", "Re-save it on x86/ARM")
+            pickle_bytes = _member_bytes(path, mm, members[pkl[0]], check_crc=True)
+            storages: dict[str, StorageRef] = {}
+            sources: dict[str, Source] = {}
+
+            def persistent_load(pid: Any) -> StorageRef:
+                ref = _storage_ref(pid, storages)
+                if ref.key not in sources:
+                    info = members.get(f"{prefix}data/{ref.key}")
+                    if info is None:
+                        raise CheckpointFormatError(path, f"storage {ref.key!r} is missing")
+                    offset = _data_offset(path, mm, info)
+                    if info.file_size < ref.nbytes:
+                        raise CheckpointFormatError(
+                            path,
+                            f"storage {info.filename!r} declares {ref.nbytes} bytes but holds "
+                            f"{info.file_size}",
+                            "The file is truncated or was tampered with",
+                        )
+                    sources[ref.key] = Source(path, offset, ref.nbytes, info.CRC)
+                return ref
+
+            stream = io.BytesIO(pickle_bytes)
+            tree, globals_ = unpickle(
+                stream,
+                path=path,
+                member=pkl[0],
+                symbolic=symbolic,
+                allow_globals=allow,
+                persistent_load=persistent_load,
+                end=len(pickle_bytes),
+            )
+        finally:
+            mm.close()
+    return RawCheckpoint(path, "torch-zip", tree, sources, globals_)
+
+
+def _check_zip_directory(path: str, archive: zipfile.ZipFile, size: int) -> dict[str, zipfile.ZipInfo]:
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in archive.infolist():
+        if info.filename in members:
+            raise CheckpointFormatError(
+                path, f"duplicate zip member {info.filename!r}", "The archive was tampered with"
+            )
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointFormatError(
+                path,
+                f"zip member {info.filename!r} is compressed (method {info.compress_type})",
+                "torch.save never compresses; the archive was made by another tool",
+            )
+        if info.flag_bits & _ZIP_FORBIDDEN_FLAGS:
+            raise CheckpointFormatError(
+                path, f"zip member {info.filename!r} is encrypted (flags {info.flag_bits:#x})"
+            )
+        if info.file_size != info.compress_size or info.header_offset + info.file_size > size:
+            raise CheckpointFormatError(
+                path,
+                f"zip member {info.filename!r} declares {info.file_size} bytes, more than the file",
+                "The file is truncated or was tampered with",
+            )
+        members[info.filename] = info
+    return members
+
+
+def _data_offset(path: str, mm: mmap.mmap, info: zipfile.ZipInfo) -> int:
+    start = info.header_offset
+    header = mm[start : start + 30]
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointFormatError(path, f"zip member {info.filename!r}: bad local header")
+    method, name_len, extra_len = struct.unpack("<8xH16xHH", header)
+    name = mm[start + 30 : start + 30 + name_len]
+    if name != info.filename.encode("utf-8") and name != info.filename.encode("cp437"):
+        raise CheckpointFormatError(
+            path,
+            f"zip member {info.filename!r}: local header names {name[:80]!r}",
+            "The archive was tampered with (local/central name mismatch)",
+        )
+    if method != zipfile.ZIP_STORED:
+        raise CheckpointFormatError(path, f"zip member {info.filename!r} is compressed")
+    offset = start + 30 + name_len + extra_len
+    if offset + info.file_size > len(mm):
+        raise CheckpointFormatError(path, f"zip member {info.filename!r} is truncated")
+    return offset
+
+
+def _member_bytes(
+    path: str, mm: mmap.mmap, info: zipfile.ZipInfo, check_crc: bool = False
+) -> bytes:
+    offset = _data_offset(path, mm, info)
+    data = mm[offset : offset + info.file_size]
+    if check_crc and zlib.crc32(data) != info.CRC:
+        raise CheckpointFormatError(
+            path, f"CRC mismatch in zip member {info.filename!r}", "The file is corrupt"
+        )
+    return data
+
+
+def _storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
+    from ._unpickler import _Marker, _Refused
+
+    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
+        raise _Refused(f"an unknown persistent id {str(pid)[:80]!r}")
+    _, storage_type, key, location, numel = pid[:5]
+    if len(pid) == 6 and pid[5] is not None:
+        raise _Refused("a legacy storage view (not supported)")
+    if not isinstance(storage_type, _Marker) or storage_type.value not in DTYPE_ITEMSIZE:
+        raise _Refused(f"a persistent id with storage type {storage_type!r:.60}")
+    if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
+        raise _Refused("a malformed storage persistent id")
+    if numel < 0 or "/" in key or key.startswith("."):
+        raise _Refused(f"a storage {key!r:.40} of {numel} elements")
+    ref = storages.get(key)
+    if ref is None:
+        ref = storages[key] = StorageRef(key, storage_type.value, numel, location)
+    elif ref.nbytes != numel * DTYPE_ITEMSIZE[storage_type.value]:
+        raise _Refused(f"storage {key!r} declared twice with different sizes")
+    return ref
+
+
+# --------------------------------------------------------------------------------------------------
+# pickles: torch legacy (stacked pickles + raw storages) and plain pickles (detectron2 .pkl)
+
+
+def _read_pickle(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        first, globals_ = unpickle(
+            f, path=path, symbolic=symbolic, allow_globals=allow, encoding="latin1"
+        )
+        if type(first) is int:
+            return _read_legacy(path, f, size, first, symbolic, allow)
+        _expect_end(path, f, size)
+    return RawCheckpoint(path, "pickle", first, {}, globals_)
+
+
+def _read_legacy(
+    path: str, f: BinaryIO, size: int, magic: int, symbolic: bool, allow: frozenset[str]
+) -> RawCheckpoint:
+    if magic != _LEGACY_MAGIC:
+        raise CheckpointFormatError(path, "a pickle of a bare integer, not a checkpoint")
+
+    def load(**kwargs: Any) -> Any:
+        obj, seen = unpickle(f, path=path, symbolic=symbolic, allow_globals=allow, **kwargs)
+        globals_.extend(g for g in seen if g not in globals_)
+        return obj
+
+    globals_: list[str] = []
+    if load() != _LEGACY_PROTOCOL:
+        raise CheckpointFormatError(path, "unsupported legacy torch protocol version")
+    load()  # sys_info: endianness and type sizes
+    storages: dict[str, StorageRef] = {}
+    tree = load(persistent_load=lambda pid: _storage_ref(pid, storages), encoding="latin1")
+    keys = load()
+    if not isinstance(keys, list) or set(keys) != set(storages) or len(keys) != len(storages):
+        raise CheckpointFormatError(path, "legacy storage list does not match the pickle")
+    sources: dict[str, Source] = {}
+    pos = f.tell()
+    for key in keys:
+        ref = storages[key]
+        f.seek(pos)
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointFormatError(path, f"truncated before storage {key!r}")
+        (numel,) = struct.unpack("<q", raw)
+        if numel != ref.numel or pos + 8 + ref.nbytes > size:
+            raise CheckpointFormatError(
+                path,
+                f"storage {key!r} declares {ref.numel} elements; the file has {numel} "
+                f"and {max(size - pos - 8, 0)} bytes left",
+                "The file is truncated or was tampered with",
+            )
+        sources[key] = Source(path, pos + 8, ref.nbytes)
+        pos += 8 + ref.nbytes
+    if pos != size:
+        raise CheckpointFormatError(path, f"{size - pos} unexpected byte(s) after the last storage")
+    return RawCheckpoint(path, "torch-legacy", tree, sources, globals_)
+
+
+def _expect_end(path: str, f: BinaryIO, size: int) -> None:
+    extra = size - f.tell()
+    if extra:
+        raise CheckpointFormatError(
+            path,
+            f"{extra} unexpected byte(s) after the pickle's end",
+            "The file was altered after it was written (or is a polyglot); do not trust it",
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# safetensors
+
+
+def _read_safetensors(path: str, key_prefix: str = "") -> RawCheckpoint:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointFormatError(path, "truncated safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > _SAFETENSORS_MAX_HEADER or 8 + n > size:
+            raise CheckpointFormatError(
+                path, f"safetensors header length {n} exceeds the file or the 100 MB limit"
+            )
+        text = f.read(n)
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(path, f"safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(path, "safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointFormatError(path, "safetensors __metadata__ is not a str → str map")
+    base = 8 + n
+    tree: dict[str, TensorRecord] = {}
+    sources: dict[str, Source] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        dtype, shape, begin, end = _safetensors_entry(path, name, entry)
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * DTYPE_ITEMSIZE[dtype]:
+            raise CheckpointFormatError(
+                path,
+                f"tensor {name!r}: offsets [{begin}, {end}] hold {end - begin} bytes, "
+                f"shape {list(shape)} {dtype} needs {numel * DTYPE_ITEMSIZE[dtype]}",
+            )
+        spans.append((begin, end, name))
+        key = key_prefix + name
+        ref = StorageRef(key, dtype, numel, "file")
+        stride = _contiguous_strides(shape)
+        tree[name] = TensorRecord(ref, 0, shape, stride, dtype)
+        sources[key] = Source(path, base + begin, end - begin)
+    spans.sort()
+    expected = 0
+    for begin, end, name in spans:
+        if begin != expected:
+            problem = "overlaps the previous tensor" if begin < expected else "leaves a gap before it"
+            raise CheckpointFormatError(
+                path, f"tensor {name!r} at byte {begin} {problem}", "The file is corrupt or crafted"
+            )
+        expected = end
+    if base + expected != size:
+        problem = "is truncated" if base + expected > size else "has trailing bytes"
+        raise CheckpointFormatError(
+            path,
+            f"the data area {problem}: tensors end at {base + expected}, file has {size} bytes",
+            "Download it again; do not trust a file with hidden content",
+        )
+    return RawCheckpoint(path, "safetensors", tree, sources, [], metadata)
+
+
+def _safetensors_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+    if not isinstance(entry, dict):
+        raise CheckpointFormatError(path, f"tensor {name!r}: header entry is not an object")
+    dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise CheckpointFormatError(path, f"tensor {name!r}: unknown dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(s) is int and 0 <= s < 2**48 for s in shape)):
+        raise CheckpointFormatError(path, f"tensor {name!r}: invalid shape {shape!r:.80}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int and 0 <= o < 2**62 for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise CheckpointFormatError(path, f"tensor {name!r}: invalid data_offsets {offsets!r:.80}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    acc = 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+# --------------------------------------------------------------------------------------------------
+# sharded checkpoints and directories
+
+_DIRECTORY_CANDIDATES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+def _read_directory(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
+    for name in _DIRECTORY_CANDIDATES:
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return read(candidate, symbolic=symbolic, allow_globals=allow)
+    names = sorted(os.listdir(path))
+    for suffix in (".safetensors.index.json", ".safetensors", ".bin.index.json"):
+        found = [n for n in names if n.endswith(suffix)]
+        if len(found) == 1:
+            return read(os.path.join(path, found[0]), symbolic=symbolic, allow_globals=allow)
+    raise CheckpointFormatError(
+        path,
+        f"a directory without a checkpoint smartload recognises (contains: {', '.join(names[:8])})",
+        "Pass the checkpoint file, or a directory holding model.safetensors[.index.json] or "
+        "pytorch_model.bin[.index.json]",
+    )
+
+
+def _read_index(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
+    try:
+        with open(path, "rb") as f:
+            index = json.loads(f.read(_SAFETENSORS_MAX_HEADER + 1))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(path, f"not a valid JSON shard index ({exc})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointFormatError(path, "a JSON file without a str → str 'weight_map'")
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        shards.setdefault(shard, []).append(key)
+    tree: dict[str, Any] = {}
+    sources: dict[str, Source] = {}
+    globals_: list[str] = []
+    formats = set()
+    for shard, keys in shards.items():
+        shard_path = os.path.realpath(os.path.join(folder, shard))
+        if os.path.isabs(shard) or os.path.dirname(shard_path) != folder:
+            raise CheckpointFormatError(
+                path,
+                f"shard {shard!r} lies outside the index's directory",
+                "The index was tampered with; shard names must be plain file names",
+            )
+        part = (
+            _read_safetensors(shard_path, key_prefix=f"{shard}:")
+            if shard.endswith(".safetensors")
+            else read(shard_path, symbolic=symbolic, allow_globals=allow)
+        )
+        formats.add(part.format)
+        flat = part.tree
+        if not isinstance(flat, dict):
+            raise CheckpointFormatError(shard_path, "a shard that is not a flat state dict")
+        for key in keys:
+            if key not in flat:
+                raise CheckpointFormatError(path, f"key {key!r} is not in its shard {shard!r}")
+            tree[key] = flat[key]
+        for storage_key, source in part.sources.items():
+            sources[storage_key if part.format == "safetensors" else f"{shard}:{storage_key}"] = (
+                source
+            )
+        if part.format != "safetensors":
+            tree.update({k: _rekey(tree[k], shard) for k in keys})
+        globals_.extend(g for g in part.globals if g not in globals_)
+    fmt = "safetensors-sharded" if formats <= {"safetensors"} else "torch-sharded"
+    metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    return RawCheckpoint(path, fmt, tree, sources, globals_, {k: str(v) for k, v in metadata.items()})
+
+
+def _rekey(record: Any, shard: str) -> Any:
+    """Qualify a torch shard's storage keys with the shard name (keys repeat across shards)."""
+    from dataclasses import replace
+
+    if isinstance(record, TensorRecord):
+        return replace(record, storage=replace(record.storage, key=f"{shard}:{record.storage.key}"))
+    return record

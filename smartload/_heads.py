@@ -1,0 +1,134 @@
+"""Head layouts and class maps, as data. No torch import.
+
+A :class:`HeadRule` says which model keys form a class-count head and how their rows are laid out
+along the class dimension; :func:`source_rows` turns a class map into, for every row of the new
+head, the checkpoint row it takes (or None for a row to initialise).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidArgumentError
+
+__all__ = ["HeadRule", "class_map_by_names", "resolve_class_map", "source_rows"]
+
+ClassMap = Sequence[int | str | None] | Mapping[int, int | str | None]
+
+
+@dataclass(frozen=True)
+class HeadRule:
+    """A class-count head.
+
+    Rows along ``dim`` are, for ``groups`` groups (anchors), ``block`` rows per class (4 for box
+    deltas), plus one background row first or last (``background``): row
+    ``g*K*block + k*block + j``, shifted by one when the background row is first.
+    """
+
+    name: str  # the head's module, for the report ("fc", "roi_heads.box_predictor.cls_score")
+    keys: tuple[str, ...]  # glob patterns over model keys
+    dim: int = 0
+    block: int = 1
+    groups: int = 1
+    background: str = "none"  # "none" | "first" | "last"
+    std: float = 0.01  # weight init for new rows
+    bias: float = 0.0  # bias init for new rows
+
+    def matches(self, key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, pattern) for pattern in self.keys)
+
+    def num_classes(self, rows: int) -> int | None:
+        """The class count a head with ``rows`` rows along ``dim`` has, or None if none fits."""
+        extra = 0 if self.background == "none" else 1
+        per_class = self.block * self.groups
+        k, rem = divmod(rows - extra, per_class)
+        return k if rem == 0 and k >= 0 else None
+
+
+def source_rows(rule: HeadRule, old_k: int, new_k: int, class_map: Sequence[int | None]) -> list[int | None]:
+    """For each row of the new head, the checkpoint row it takes (None: initialise it)."""
+    first = 1 if rule.background == "first" else 0
+    rows: list[int | None] = [0] if first else []
+    for g in range(rule.groups):
+        for k in range(new_k):
+            old = class_map[k]
+            for j in range(rule.block):
+                rows.append(None if old is None else first + (g * old_k + old) * rule.block + j)
+    if rule.background == "last":
+        rows.append(rule.groups * old_k * rule.block)
+    return rows
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+def class_map_by_names(old_names: Sequence[str], new_names: Sequence[str]) -> list[int | None]:
+    """For each new class name, the index of the old class of the same name, or None.
+
+    Names match exactly first, then ignoring case, spaces, ``_`` and ``-`` ("traffic_light" =
+    "Traffic Light"). ``class_map_by_names(coco_names, ["person", "car", "dog"])`` → ``[0, 2, 16]``.
+    """
+    exact: dict[str, int] = {}
+    loose: dict[str, int] = {}
+    for i, name in enumerate(old_names):
+        exact.setdefault(name, i)
+        loose.setdefault(_normal(name), i)
+    return [exact.get(name, loose.get(_normal(name))) for name in new_names]
+
+
+def resolve_class_map(
+    class_map: Any,
+    new_k: int,
+    old_k: int,
+    *,
+    source_classes: Sequence[str] | None = None,
+    head: str = "",
+) -> list[int | None]:
+    """Turn a user class map (indices, old names, or a mapping) into a list of old indices."""
+    if class_map is None:
+        return [k if k < old_k else None for k in range(new_k)]
+    if isinstance(class_map, Mapping):
+        listed: list[Any] = [None] * new_k
+        for new, old in class_map.items():
+            if type(new) is not int or not 0 <= new < new_k:
+                raise InvalidArgumentError(
+                    f"class_map key {new!r} is not a class index of the model (0..{new_k - 1})"
+                )
+            listed[new] = old
+    else:
+        listed = list(class_map)
+        if len(listed) != new_k:
+            raise InvalidArgumentError(
+                f"class_map has {len(listed)} entries but the model{_at(head)} has {new_k} "
+                "classes; give one entry (old class index, name or None) per new class"
+            )
+    out: list[int | None] = []
+    for new, old in enumerate(listed):
+        if isinstance(old, str):
+            if source_classes is None:
+                raise InvalidArgumentError(
+                    f"class_map names class {old!r} but the checkpoint's class names are unknown; "
+                    "pass source_classes=[...] (the checkpoint's class names)"
+                )
+            if old not in source_classes:
+                raise InvalidArgumentError(
+                    f"class_map[{new}] = {old!r} is not one of the checkpoint's classes "
+                    f"({', '.join(list(source_classes)[:6])}, ...)"
+                )
+            old = list(source_classes).index(old)
+        if old is not None and (type(old) is not int or not 0 <= old < old_k):
+            raise InvalidArgumentError(
+                f"class_map[{new}] = {old!r} is not a checkpoint class index{_at(head)} "
+                f"(0..{old_k - 1}) or None"
+            )
+        out.append(old)
+    return out
+
+
+def _at(head: str) -> str:
+    return f" (head {head})" if head else ""

@@ -1,0 +1,174 @@
+"""``smartload.inspect``: what a checkpoint holds, from its structure alone. No torch import."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._formats import read
+from ._normalize import choose_state_dict, describe_extras, find_state_dicts, leaf_dtype, leaf_shape
+from ._unpickler import DTYPE_ITEMSIZE, TensorRecord, inert_globals
+from .errors import InvalidArgumentError
+
+__all__ = ["CheckpointInfo", "TensorInfo", "inspect"]
+
+# Keys that are classifier/detector heads in the frameworks users load from, with the rows the
+# background class adds.
+_HEAD_PATTERNS: tuple[tuple[str, int, str], ...] = (
+    (r"(^|\.)roi_heads\.box_predictor\.(\d+\.)?cls_score\.weight$", 1, "detectron2 (background last)"),
+    (r"(^|\.)(fc|classifier|head|head\.fc|heads\.head|last_linear|head_dist)\.weight$", 0, "classifier"),
+    (r"(^|\.)classifier\.\d+\.weight$", 0, "classifier"),
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str
+    contiguous: bool = True
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_ITEMSIZE.get(self.dtype, 1)
+
+
+@dataclass(frozen=True)
+class HeadGuess:
+    key: str
+    rows: int
+    num_classes: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint's structure. Reading it reads no tensor data and runs nothing from the file."""
+
+    path: str
+    format: str
+    state_dict_path: tuple[str, ...]
+    tensors: Mapping[str, TensorInfo]
+    other_state_dicts: tuple[tuple[str, ...], ...] = ()
+    extras: Mapping[str, str] = field(default_factory=dict)
+    globals: tuple[str, ...] = ()
+    inert_globals: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    heads: tuple[HeadGuess, ...] = ()
+    shared_storages: int = 0  # storages that more than one tensor views
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        return dict(sorted(Counter(t.dtype for t in self.tensors.values()).items()))
+
+    @property
+    def non_contiguous(self) -> list[str]:
+        return [k for k, t in self.tensors.items() if not t.contiguous]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "safe": True,
+            "state_dict_path": list(self.state_dict_path),
+            "other_state_dicts": [list(p) for p in self.other_state_dicts],
+            "num_tensors": self.num_tensors,
+            "num_params": self.num_params,
+            "nbytes": self.nbytes,
+            "dtypes": self.dtypes,
+            "heads": [vars(h) for h in self.heads],
+            "extras": dict(self.extras),
+            "globals": list(self.globals),
+            "inert_globals": list(self.inert_globals),
+            "metadata": dict(self.metadata),
+            "shared_storages": self.shared_storages,
+            "non_contiguous": self.non_contiguous,
+            "tensors": {
+                k: {"shape": list(t.shape), "dtype": t.dtype} for k, t in self.tensors.items()
+            },
+        }
+
+
+def inspect(
+    path: str | os.PathLike[str],
+    *,
+    ema: bool = False,
+    state_dict_path: Iterable[str] | None = None,
+) -> CheckpointInfo:
+    """Describe the checkpoint at ``path`` without reading tensor data or running anything.
+
+    Raises :class:`UnsafeCheckpointError` (``.globals`` lists every offending global) for a
+    hostile file and :class:`CheckpointFormatError` for one that cannot be read.
+    """
+    raw = read(path, symbolic=True)
+    try:
+        choice = choose_state_dict(
+            raw.path,
+            raw.tree,
+            ema=ema,
+            state_dict_path=tuple(state_dict_path) if state_dict_path is not None else None,
+        )
+        sd_path, leaves, others = choice.path, choice.tensors, choice.others
+    except InvalidArgumentError:
+        if ema or state_dict_path is not None:
+            raise
+        found = find_state_dicts(raw.tree)  # EMA-only files: still describe them
+        sd_path, leaves = found[0] if found else ((), {})
+        others = tuple(p for p, _ in found[1:])
+    tensors = {
+        key: TensorInfo(
+            leaf_shape(leaf),
+            leaf_dtype(leaf),
+            leaf.is_contiguous() if isinstance(leaf, TensorRecord) else True,
+        )
+        for key, leaf in leaves.items()
+    }
+    storages = Counter(
+        leaf.storage.key for leaf in leaves.values() if isinstance(leaf, TensorRecord)
+    )
+    return CheckpointInfo(
+        path=raw.path,
+        format=raw.format,
+        state_dict_path=sd_path,
+        tensors=tensors,
+        other_state_dicts=others,
+        extras=describe_extras(raw.tree, (sd_path, *others)),
+        globals=tuple(raw.globals),
+        inert_globals=tuple(inert_globals(raw.globals)),
+        metadata=raw.metadata,
+        heads=tuple(_guess_heads(tensors)),
+        shared_storages=sum(1 for n in storages.values() if n > 1),
+    )
+
+
+def _guess_heads(tensors: Mapping[str, TensorInfo]) -> list[HeadGuess]:
+    out = []
+    for key, info in tensors.items():
+        for pattern, background, kind in _HEAD_PATTERNS:
+            if re.search(pattern, key) and len(info.shape) >= 2:
+                rows = info.shape[0]
+                out.append(HeadGuess(key, rows, rows - background, kind))
+                break
+    return out

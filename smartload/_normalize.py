@@ -1,0 +1,242 @@
+"""Normalizing: find the state dict inside a checkpoint's containers, and match its keys to a model's.
+
+No torch import: leaves are records from the reader, or tensors/arrays of an in-memory mapping
+(recognised by their ``shape`` and ``dtype``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._unpickler import ArrayRecord, StandIn, TensorRecord
+from .errors import CheckpointFormatError, InvalidArgumentError
+
+__all__ = [
+    "StateDictChoice",
+    "choose_state_dict",
+    "describe_extras",
+    "leaf_dtype",
+    "leaf_shape",
+    "match_keys",
+]
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+# Containers that hold optimizer or scheduler state, never model weights.
+_NOT_WEIGHTS = frozenset(
+    """optimizer optimizers optimizer_states optimizer_state_dict opt optim lr_scheduler
+    lr_schedulers scheduler schedulers scaler grad_scaler amp loops callbacks""".split()
+)
+_MAX_DEPTH = 4
+
+
+def is_leaf(value: Any) -> bool:
+    """A tensor-like value: a record of ours, a torch tensor or a numpy array."""
+    if isinstance(value, TensorRecord | ArrayRecord):
+        return True
+    return (
+        type(value).__module__.split(".", 1)[0] in ("torch", "numpy")
+        and hasattr(value, "shape")
+        and hasattr(value, "dtype")
+        and not isinstance(value, type)
+    )
+
+
+def leaf_shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in value.shape)
+
+
+def leaf_dtype(value: Any) -> str:
+    if isinstance(value, TensorRecord | ArrayRecord):
+        return value.dtype
+    return str(value.dtype).removeprefix("torch.")  # numpy spells dtypes as torch does
+
+
+def _is_ema(path: Sequence[Any]) -> bool:
+    return any("ema" in re.split(r"[^a-z0-9]+", str(part).lower()) for part in path)
+
+
+@dataclass(frozen=True)
+class StateDictChoice:
+    path: tuple[str, ...]
+    tensors: Mapping[str, Any]
+    others: tuple[tuple[str, ...], ...]  # every other state dict found (EMA copies, ...)
+    ema: bool
+
+
+def find_state_dicts(tree: Any) -> list[tuple[tuple[str, ...], Mapping[str, Any]]]:
+    """Every mapping of str → tensor in the tree (outside optimizer state), with its path."""
+    found: list[tuple[tuple[str, ...], Mapping[str, Any]]] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if not isinstance(node, Mapping) or not node:
+            return
+        if all(isinstance(k, str) for k in node) and all(is_leaf(v) for v in node.values()):
+            found.append((path, node))
+            return
+        if len(path) >= _MAX_DEPTH:
+            return
+        for key, value in node.items():
+            if isinstance(key, str) and key not in _NOT_WEIGHTS:
+                walk(value, (*path, key))
+
+    walk(tree, ())
+    return found
+
+
+def choose_state_dict(
+    path: str, tree: Any, *, ema: bool = False, state_dict_path: Sequence[str] | None = None
+) -> StateDictChoice:
+    """Pick the model weights: the largest non-EMA state dict, or the largest EMA one if ``ema``."""
+    if is_leaf(tree):
+        raise CheckpointFormatError(
+            path, "the file holds a single tensor, not a state dict", "Save model.state_dict()"
+        )
+    found = find_state_dicts(tree)
+    if not found:
+        raise CheckpointFormatError(
+            path,
+            f"no state dict found (top level: {_describe_top(tree)})",
+            "smartload needs a mapping of parameter names to tensors somewhere in the file",
+        )
+    if state_dict_path is not None:
+        wanted = tuple(state_dict_path)
+        chosen = [f for f in found if f[0] == wanted]
+        if not chosen:
+            paths = ", ".join(_show_path(p) for p, _ in found)
+            raise InvalidArgumentError(
+                f"{path}: no state dict at {_show_path(wanted)}; state dicts found: {paths}"
+            )
+    else:
+        chosen = [f for f in found if _is_ema(f[0]) == ema]
+        if not chosen:
+            paths = ", ".join(_show_path(p) for p, _ in found)
+            if ema:
+                raise InvalidArgumentError(
+                    f"{path}: ema=True but the file has no EMA weights (state dicts: {paths}); "
+                    "drop ema=True"
+                )
+            raise InvalidArgumentError(
+                f"{path}: the file holds only EMA weights ({paths}); pass ema=True to load them"
+            )
+    best_path, best = max(chosen, key=lambda f: (len(f[1]), -len(f[0])))
+    others = tuple(p for p, _ in found if p != best_path)
+    return StateDictChoice(best_path, best, others, _is_ema(best_path))
+
+
+def _describe_top(tree: Any) -> str:
+    if isinstance(tree, Mapping):
+        keys = [str(k) for k in list(tree)[:8]]
+        return "keys " + ", ".join(keys) + (" ..." if len(tree) > 8 else "")
+    if isinstance(tree, StandIn):
+        return f"a pickled {tree.qualname} object"
+    return type(tree).__name__
+
+
+def _show_path(path: Sequence[str]) -> str:
+    return "[" + ", ".join(repr(p) for p in path) + "]" if path else "the top level"
+
+
+def describe_extras(tree: Any, skip: Iterable[tuple[str, ...]]) -> dict[str, str]:
+    """One line for each non-weight entry at the top level (and one level down): what it holds."""
+    skipped = set(skip)
+    out: dict[str, str] = {}
+    if not isinstance(tree, Mapping):
+        return out
+    for key, value in tree.items():
+        if (str(key),) in skipped or is_leaf(value):
+            continue
+        out[str(key)] = _describe_value(value)
+    return out
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, StandIn):
+        return f"{value.qualname} [inert, not executed]"
+    if isinstance(value, bool | int | float) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+    if isinstance(value, bytes):
+        return f"{len(value)} bytes"
+    if isinstance(value, Mapping):
+        tensors = _count_leaves(value)
+        suffix = f", {tensors} tensors" if tensors else ""
+        return f"dict with {len(value)} entries{suffix}"
+    if isinstance(value, list | tuple):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+def _count_leaves(node: Any, depth: int = 0) -> int:
+    if is_leaf(node):
+        return 1
+    if depth > 6:
+        return 0
+    if isinstance(node, Mapping):
+        return sum(_count_leaves(v, depth + 1) for v in node.values())
+    if isinstance(node, list | tuple):
+        return sum(_count_leaves(v, depth + 1) for v in node)
+    return 0
+
+
+def compile_renames(rename: Any) -> list[tuple[re.Pattern[str], str]]:
+    if rename is None:
+        return []
+    pairs = rename.items() if isinstance(rename, Mapping) else rename
+    try:
+        return [(re.compile(pattern), replacement) for pattern, replacement in pairs]
+    except (TypeError, ValueError, re.error) as exc:
+        raise InvalidArgumentError(
+            f"rename must map regular expressions to replacements ({exc}); "
+            "e.g. rename={r'^backbone\\.': 'encoder.'}"
+        ) from None
+
+
+def match_keys(
+    ckpt_keys: Iterable[str], model_keys: Iterable[str], rename: Any = None
+) -> dict[str, str]:
+    """Map each checkpoint key to the model key it will feed (``{ckpt_key: model_key}``).
+
+    User renames apply first. Then a wrapper prefix (``module.``, ``_orig_mod.``, ``model.``) is
+    stripped from, or added to, a checkpoint key only when the key does not match as it is and the
+    changed key does (and no other checkpoint key already feeds it).
+    """
+    rules = compile_renames(rename)
+    model = set(model_keys)
+    renamed: dict[str, str] = {}
+    for key in ckpt_keys:
+        new = key
+        for pattern, replacement in rules:
+            new = pattern.sub(replacement, new)
+        renamed[key] = new
+    taken = {new for new in renamed.values() if new in model}
+    out: dict[str, str] = {}
+    for key, new in renamed.items():
+        if new not in model:
+            candidate = _unwrap(new, model, taken)
+            if candidate is not None:
+                taken.add(candidate)
+                new = candidate
+        out[key] = new
+    return out
+
+
+def _unwrap(key: str, model: set[str], taken: set[str]) -> str | None:
+    stripped = key
+    while True:
+        for prefix in WRAPPER_PREFIXES:
+            if stripped.startswith(prefix):
+                stripped = stripped[len(prefix) :]
+                if stripped in model and stripped not in taken:
+                    return stripped
+                break
+        else:
+            break
+    for prefix in WRAPPER_PREFIXES:
+        for base in (key, stripped):
+            if prefix + base in model and prefix + base not in taken:
+                return prefix + base
+    return None

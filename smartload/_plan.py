@@ -1,0 +1,341 @@
+"""The diff: checkpoint keys and shapes vs a model's state dict → a :class:`LoadPlan`. Pure.
+
+Defaults (design.md, "Policies"): equal shapes → copy; missing from the checkpoint → skip; a
+class-count head whose class dimension differs → slice with a class map, else reinit-normal; any
+other mismatch → :class:`IncompatibleCheckpointError`. User policies (globs) override.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._formats import RawCheckpoint, read
+from ._heads import HeadRule, class_map_by_names, resolve_class_map, source_rows
+from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape, match_keys
+from ._report import ACTIONS, HeadChange, LoadPlan, PlanEntry
+from ._unpickler import inert_globals
+from .adapters import Adapter, select_adapter
+from .errors import IncompatibleCheckpointError, InvalidArgumentError
+
+__all__ = ["make_plan"]
+
+_EXACT_CASTS = {
+    "float16": {"float32", "float64"},
+    "bfloat16": {"float32", "float64"},
+    "float32": {"float64"},
+    "int8": {"int16", "int32", "int64", "float16", "float32", "float64"},
+    "uint8": {"int16", "int32", "int64", "float16", "float32", "float64"},
+    "int16": {"int32", "int64", "float32", "float64"},
+    "int32": {"int64", "float64"},
+    "bool": {"uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64"},
+}
+
+
+def cast_kind(src: str, dst: str) -> str | None:
+    """None when the dtypes are equal, else ``"exact"`` or ``"lossy"``."""
+    if src == dst:
+        return None
+    return "exact" if dst in _EXACT_CASTS.get(src, ()) else "lossy"
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    path: str
+    format: str
+    state_dict_path: tuple[str, ...]
+    tensors: Mapping[str, Any]
+    sources: Mapping[str, Any]
+    ema: bool
+    others: tuple[tuple[str, ...], ...]
+    extras: Mapping[str, str]
+    inert: tuple[str, ...]
+
+
+def open_checkpoint(
+    checkpoint: Any,
+    *,
+    ema: bool = False,
+    state_dict_path: Sequence[str] | None = None,
+    allow_globals: Sequence[str] = (),
+) -> _Checkpoint:
+    """read + choose the state dict. ``checkpoint`` is a path or an in-memory mapping."""
+    if isinstance(checkpoint, Mapping):
+        raw = RawCheckpoint("<mapping>", "mapping", checkpoint)
+    elif isinstance(checkpoint, str | os.PathLike):
+        raw = read(checkpoint, allow_globals=allow_globals)
+    else:
+        raise InvalidArgumentError(
+            f"checkpoint must be a path or a mapping of names to tensors, not {type(checkpoint).__name__}"
+        )
+    choice = choose_state_dict(raw.path, raw.tree, ema=ema, state_dict_path=state_dict_path)
+    extras = describe_extras(raw.tree, (choice.path, *choice.others))
+    return _Checkpoint(
+        raw.path,
+        raw.format,
+        choice.path,
+        choice.tensors,
+        raw.sources,
+        choice.ema,
+        choice.others,
+        extras,
+        tuple(inert_globals(raw.globals)),
+    )
+
+
+def _compile_policies(policies: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    if not policies:
+        return []
+    out = []
+    for pattern, action in policies.items():
+        if action not in ACTIONS:
+            raise InvalidArgumentError(
+                f"policy {pattern!r}: unknown action {action!r}; use one of {', '.join(ACTIONS)}"
+            )
+        out.append((pattern, action))
+    return out
+
+
+def make_plan(
+    model: torch.nn.Module,
+    checkpoint: Any,
+    *,
+    num_classes: int | None = None,
+    class_map: Any = None,
+    policies: Mapping[str, str] | None = None,
+    ema: bool = False,
+    rename: Any = None,
+    state_dict_path: Sequence[str] | None = None,
+    source_classes: Sequence[str] | None = None,
+    target_classes: Sequence[str] | None = None,
+    adapter: Adapter | None = None,
+    allow_globals: Sequence[str] = (),
+) -> LoadPlan:
+    ckpt = open_checkpoint(
+        checkpoint, ema=ema, state_dict_path=state_dict_path, allow_globals=allow_globals
+    )
+    model_sd = {
+        k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)
+    }
+    chosen = select_adapter(model, adapter)
+    # A framework adapter knows its heads; the generic guess (the last Linear) needs num_classes.
+    rules = chosen.head_rules(model) if num_classes is not None or chosen.knows_heads else []
+    notes: list[str] = []
+    if num_classes is not None:
+        _check_num_classes(model, chosen, num_classes)
+    unmatched: tuple[str, ...] = ()
+    if class_map is None and source_classes is not None and target_classes is not None:
+        class_map = class_map_by_names(source_classes, target_classes)
+        unmatched = tuple(n for n, c in zip(target_classes, class_map, strict=True) if c is None)
+    compiled = _compile_policies(policies)
+
+    feeds: dict[str, str] = {}  # model key → checkpoint key
+    unused: list[str] = []
+    for ckpt_key, model_key in match_keys(ckpt.tensors, model_sd, rename).items():
+        if model_key in model_sd and model_key not in feeds:
+            feeds[model_key] = ckpt_key
+        else:
+            unused.append(ckpt_key)
+
+    entries: list[PlanEntry] = []
+    mismatches: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = []
+    heads: dict[str, HeadChange] = {}
+    for key, param in model_sd.items():
+        source = feeds.get(key)
+        leaf = ckpt.tensors[source] if source is not None else None
+        policy = next(((p, a) for p, a in compiled if fnmatch.fnmatchcase(key, p)), None)
+        rule = next((r for r in rules if r.matches(key)), None)
+        model_shape = tuple(param.shape)
+        ckpt_shape = leaf_shape(leaf) if leaf is not None else None
+        if (
+            rule is None
+            and num_classes is not None
+            and ckpt_shape is not None
+            and _differs_in_dim0_only(ckpt_shape, model_shape)
+            and model_shape[0] == num_classes
+        ):
+            rule = HeadRule(name=key.rpartition(".")[0], keys=(key,))
+        entry = _decide(
+            key, param, source, leaf, policy, rule, class_map, source_classes, heads, unmatched
+        )
+        if entry is None:
+            mismatches.append((key, ckpt_shape, model_shape))
+        else:
+            entries.append(entry)
+    _note_tied(model_sd, entries, notes)
+    if mismatches:
+        raise IncompatibleCheckpointError(mismatches, _mismatch_hint(num_classes), ckpt.path)
+    return LoadPlan(
+        checkpoint=ckpt.path,
+        format=ckpt.format,
+        state_dict_path=ckpt.state_dict_path,
+        entries=tuple(entries),
+        unused=tuple(sorted(unused)),
+        heads=tuple(heads.values()),
+        ema=ckpt.ema,
+        other_state_dicts=ckpt.others,
+        extras=dict(ckpt.extras),
+        inert_globals=ckpt.inert,
+        adapter=chosen.name,
+        notes=tuple(notes),
+        tensors=ckpt.tensors,
+        sources=ckpt.sources,
+    )
+
+
+def _differs_in_dim0_only(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) >= 1 and a[0] != b[0] and a[1:] == b[1:]
+
+
+def _check_num_classes(model: torch.nn.Module, adapter: Adapter, num_classes: int) -> None:
+    if type(num_classes) is not int or num_classes < 1:
+        raise InvalidArgumentError(f"num_classes must be a positive int, not {num_classes!r}")
+    actual = adapter.num_classes(model)
+    if actual is not None and actual != num_classes:
+        raise IncompatibleCheckpointError(
+            [],
+            f"num_classes={num_classes}, but the model's head has {actual} classes "
+            f"({adapter.name} adapter). Build the model with {num_classes} classes "
+            f"(e.g. timm.create_model(name, num_classes={num_classes})) before loading, "
+            "or drop num_classes to keep the model as it is",
+        )
+
+
+def _mismatch_hint(num_classes: int | None) -> str:
+    hint = "Nothing was loaded. "
+    if num_classes is None:
+        hint += "If these are the classifier head, pass num_classes=<the model's class count>; "
+    return hint + (
+        "to choose per key, pass policies={'<key or glob>': 'reinit-normal' | 'skip' | 'slice'}"
+    )
+
+
+def _decide(
+    key: str,
+    param: torch.Tensor,
+    source: str | None,
+    leaf: Any,
+    policy: tuple[str, str] | None,
+    rule: HeadRule | None,
+    class_map: Any,
+    source_classes: Sequence[str] | None,
+    heads: dict[str, HeadChange],
+    unmatched: tuple[str, ...],
+) -> PlanEntry | None:
+    """The entry for one model key, or None when no policy can place it (a mismatch)."""
+    model_shape = tuple(param.shape)
+    model_dtype = str(param.dtype).removeprefix("torch.")
+    numel = param.numel()
+    ckpt_shape = leaf_shape(leaf) if leaf is not None else None
+    ckpt_dtype = leaf_dtype(leaf) if leaf is not None else None
+    std = rule.std if rule else 0.01
+    fill = (rule.bias if rule else 0.0) if key.endswith("bias") else None
+    base: dict[str, Any] = {
+        "key": key,
+        "source": source,
+        "ckpt_shape": ckpt_shape,
+        "model_shape": model_shape,
+        "ckpt_dtype": ckpt_dtype,
+        "model_dtype": model_dtype,
+        "cast": cast_kind(ckpt_dtype, model_dtype) if ckpt_dtype else None,
+        "head": rule.name if rule else None,
+        "std": std,
+        "fill": fill,
+    }
+    action = policy[1] if policy else None
+    by_policy = f"policy {policy[0]!r}" if policy else ""
+
+    if action == "skip" or (action is None and leaf is None):
+        return PlanEntry(action="skip", reason=by_policy or "missing", **base)
+    if action == "reinit-normal":
+        return PlanEntry(action="reinit-normal", reason=by_policy, **base)
+    if leaf is None:  # copy/slice asked for a key the checkpoint lacks
+        return None
+    same = ckpt_shape == model_shape
+    head_change = rule is not None and (not same or class_map is not None)
+    if action == "copy" or (action is None and not head_change):
+        if not same:
+            return None
+        reason = by_policy or "same shape"
+        return PlanEntry(action="copy", reason=reason, reused=numel, **base)
+    # slice or reinit of a head (or an explicit slice policy)
+    if rule is None:
+        if not (ckpt_shape and _differs_in_dim0_only(ckpt_shape, model_shape)) and not same:
+            return None
+        rule = HeadRule(name=key.rpartition(".")[0], keys=(key,))
+        base["head"] = rule.name
+    assert ckpt_shape is not None
+    dim = rule.dim
+    if len(ckpt_shape) != len(model_shape) or any(
+        a != b for i, (a, b) in enumerate(zip(ckpt_shape, model_shape, strict=True)) if i != dim
+    ):
+        return None
+    old_k = rule.num_classes(ckpt_shape[dim])
+    new_k = rule.num_classes(model_shape[dim])
+    if old_k is None or new_k is None:
+        return None
+    description = f"head {rule.name}: {old_k} → {new_k} classes"
+    if action is None and class_map is None:
+        _record_head(heads, rule, key, old_k, new_k, None, unmatched)
+        return PlanEntry(
+            action="reinit-normal", reason=f"{description}, no class map", dim=dim, **base
+        )
+    mapping = resolve_class_map(
+        class_map, new_k, old_k, source_classes=source_classes, head=rule.name
+    )
+    rows = source_rows(rule, old_k, new_k, mapping)
+    kept = sum(r is not None for r in rows)
+    _record_head(heads, rule, key, old_k, new_k, tuple(mapping), unmatched)
+    how = by_policy or ("by class map" if class_map is not None else "by position")
+    return PlanEntry(
+        action="slice",
+        reason=f"{description}, {kept} of {len(rows)} rows kept {how}",
+        reused=numel // model_shape[dim] * kept if model_shape[dim] else 0,
+        rows=tuple(rows),
+        dim=dim,
+        **base,
+    )
+
+
+def _record_head(
+    heads: dict[str, HeadChange],
+    rule: HeadRule,
+    key: str,
+    old_k: int,
+    new_k: int,
+    mapping: tuple[int | None, ...] | None,
+    unmatched: tuple[str, ...],
+) -> None:
+    known = heads.get(rule.name)
+    keys = (*known.keys, key) if known else (key,)
+    heads[rule.name] = HeadChange(rule.name, keys, old_k, new_k, mapping, unmatched)
+
+
+def _note_tied(
+    model_sd: Mapping[str, torch.Tensor], entries: list[PlanEntry], notes: list[str]
+) -> None:
+    """A key missing from the checkpoint but sharing storage with a loaded one is loaded through it."""
+    loaded = {}
+    for e in entries:
+        if e.action in ("copy", "slice") and model_sd[e.key].numel():
+            loaded.setdefault(_storage_id(model_sd[e.key]), e.key)
+    for i, e in enumerate(entries):
+        if e.action == "skip" and e.reason == "missing" and model_sd[e.key].numel():
+            twin = loaded.get(_storage_id(model_sd[e.key]))
+            if twin is not None:
+                entries[i] = _replace(e, reason=f"missing; tied to {twin}, loaded through it")
+
+
+def _storage_id(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+
+def _replace(entry: PlanEntry, **changes: Any) -> PlanEntry:
+    from dataclasses import replace
+
+    return replace(entry, **changes)

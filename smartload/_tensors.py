@@ -1,0 +1,80 @@
+"""Turning records into torch tensors: memory-mapped views, read only for the keys a plan uses."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._formats import Source
+from ._unpickler import ArrayRecord, TensorRecord
+from .errors import CheckpointFormatError
+
+__all__ = ["Materializer", "torch_dtype"]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointFormatError("?", f"dtype {name} is not supported by this torch")
+    return dtype
+
+
+class Materializer:
+    """Opens each file once (``UntypedStorage.from_file``: a private, copy-on-write mmap)."""
+
+    def __init__(self, sources: Mapping[str, Source], *, verify_crc: bool = False) -> None:
+        self._sources = sources
+        self._files: dict[str, torch.Tensor] = {}
+        self._verify_crc = verify_crc
+        self._checked: set[str] = set()
+
+    def tensor(self, leaf: Any) -> torch.Tensor:
+        if isinstance(leaf, TensorRecord):
+            return self._from_record(leaf)
+        if isinstance(leaf, ArrayRecord):
+            return _from_array(leaf)
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+        if isinstance(leaf, np.ndarray):
+            return torch.from_numpy(np.array(leaf, copy=True))
+        raise TypeError(f"not a tensor: {type(leaf).__name__}")
+
+    def _file_bytes(self, path: str) -> torch.Tensor:
+        data = self._files.get(path)
+        if data is None:
+            size = os.path.getsize(path)
+            storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+            data = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[call-overload]
+            self._files[path] = data
+        return data
+
+    def _from_record(self, record: TensorRecord) -> torch.Tensor:
+        source = self._sources[record.storage.key]
+        raw = self._file_bytes(source.file)[source.offset : source.offset + source.nbytes]
+        if len(raw) != source.nbytes:
+            raise CheckpointFormatError(source.file, f"storage {record.storage.key!r} is truncated")
+        if self._verify_crc and source.crc is not None and record.storage.key not in self._checked:
+            if zlib.crc32(raw.numpy()) != source.crc:
+                raise CheckpointFormatError(
+                    source.file, f"CRC mismatch in storage {record.storage.key!r}", "The file is corrupt"
+                )
+            self._checked.add(record.storage.key)
+        dtype = torch_dtype(record.dtype)
+        itemsize = dtype.itemsize
+        if source.offset % itemsize:  # safetensors does not align its tensors: copy those few
+            raw = raw.clone()
+        typed = raw.view(dtype)
+        # as_strided's offset counts from the start of the storage, not of the view
+        return typed.as_strided(record.shape, record.stride, typed.storage_offset() + record.offset)
+
+
+def _from_array(record: ArrayRecord) -> torch.Tensor:
+    assert record.data is not None, "arrays are materialized only in materialize mode"
+    array = np.frombuffer(record.data, dtype=np.dtype(record.numpy_dtype))
+    array = array.reshape(record.shape, order="F" if record.fortran else "C")
+    return torch.from_numpy(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("="), copy=True))

@@ -1,0 +1,734 @@
+"""The restricted, default-deny unpickler. Imports neither torch nor numpy.
+
+Every global a pickle names goes through :meth:`_Unpickler.find_class`, which never returns a real
+function or class. It returns one of:
+
+- an allowlisted *builder* (torch tensor rebuild functions, ``OrderedDict``, the numpy array set,
+  ``_codecs.encode``, ``copyreg._reconstructor``): a callable object of ours that builds a *record*
+  (:class:`TensorRecord`, :class:`ArrayRecord`) or a plain container, never a torch or numpy object;
+- a *marker* for names that are only data (storage types, dtypes);
+- an inert *stand-in class* for everything else (``argparse.Namespace``, ``datetime.datetime``, a
+  Lightning ``AttributeDict`` ...): calling it, ``NEWOBJ``, ``BUILD``, ``SETITEM`` and ``APPEND``
+  only record what the pickle asked for.
+
+Since the pickle can only call what ``find_class`` returned, no code from the file can run. Globals
+on the hostile list (``os.system``, ``builtins.eval``, ``importlib``, ``functools.partial`` ...)
+are recorded and the whole file is refused, listing every one of them.
+
+Two modes share this code: *symbolic* (``inspect``: array bytes are dropped, problems collected)
+and *materialize* (``load``: array bytes kept, the first problem raises).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import pickle
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from .errors import CheckpointFormatError, UnsafeCheckpointError
+
+__all__ = [
+    "ArrayRecord",
+    "StandIn",
+    "StorageRef",
+    "TensorRecord",
+    "unpickle",
+]
+
+# --------------------------------------------------------------------------------------------------
+# dtypes (names as torch spells them; itemsize in bytes)
+
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+}  # fmt: skip
+
+_TORCH_DTYPE_ALIASES = {
+    "float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
+    "short": "int16", "cfloat": "complex64", "cdouble": "complex128", "chalf": "complex32",
+}  # fmt: skip
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
+}  # fmt: skip
+
+# numpy dtype codes (kind + itemsize) to torch dtype names
+_NUMPY_DTYPES = {
+    "f8": "float64", "f4": "float32", "f2": "float16", "c16": "complex128", "c8": "complex64",
+    "i8": "int64", "i4": "int32", "i2": "int16", "i1": "int8",
+    "u8": "uint64", "u4": "uint32", "u2": "uint16", "u1": "uint8", "b1": "bool",
+}  # fmt: skip
+_NUMPY_CHAR_CODES = {
+    "d": "f8", "f": "f4", "e": "f2", "D": "c16", "F": "c8", "q": "i8", "l": "i8", "i": "i4",
+    "h": "i2", "b": "i1", "Q": "u8", "L": "u8", "I": "u4", "H": "u2", "B": "u1", "?": "b1",
+    "float64": "f8", "float32": "f4", "float16": "f2", "int64": "i8", "int32": "i4",
+    "int16": "i2", "int8": "i1", "uint8": "u1", "bool": "b1",
+}  # fmt: skip
+
+# --------------------------------------------------------------------------------------------------
+# what the hostile list contains (judged on the module's top-level package, or exact names)
+
+_HOSTILE_PACKAGES = frozenset(
+    """os posix nt posixpath ntpath subprocess _posixsubprocess sys importlib imp runpy pickle
+    _pickle cPickle pickletools marshal ctypes _ctypes pty socket _socket shutil timeit cProfile
+    profile pstats pydoc pip code codeop webbrowser multiprocessing threading _thread signal
+    tempfile glob io _io commands popen2 platform asyncio bdb pdb trace site zipimport types
+    inspect gc ensurepip venv distutils setuptools pkg_resources requests urllib urllib2 urllib3
+    http httplib ftplib smtplib telnetlib xmlrpc shelve dill cloudpickle joblib operator _operator
+    sysconfig linecache dbm sqlite3 ssl select selectors mmap resource fcntl""".split()
+)
+_HOSTILE_PREFIXES = (
+    "torch.jit", "torch.hub", "torch.package", "torch.serialization", "torch.fx", "torch.ops",
+    "torch._ops", "torch._dynamo", "torch._inductor", "torch.multiprocessing", "torch.distributed",
+    "torch.utils.cpp_extension", "torch.utils.data", "torch._C", "torch.cuda", "torch.compiler",
+    "torch.export", "torch._export", "torch.library", "torch._library",
+    "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib", "numpy.lib.npyio",
+    "numpy.lib._npyio_impl", "numpy.lib.format", "numpy.lib.utils", "numpy.lib._utils_impl",
+    "numpy.lib.format",
+)  # fmt: skip
+_HOSTILE_EXACT = frozenset(
+    """torch.load torch.storage._load_from_bytes torch.compile torch.save functools.partial
+    functools.reduce functools.partialmethod functools.wraps functools.update_wrapper copyreg.__newobj__
+    copyreg.__newobj_ex__ copyreg._reconstructor_unsafe numpy.load numpy.loadtxt numpy.genfromtxt
+    numpy.fromfile numpy.memmap numpy.save numpy.savez numpy.savez_compressed numpy.savetxt
+    numpy.fromregex numpy.frompyfunc numpy.vectorize numpy.piecewise numpy.apply_along_axis
+    numpy.apply_over_axes collections.namedtuple""".split()
+)
+_BENIGN_BUILTINS = frozenset(
+    """set frozenset list dict tuple str bytes bytearray int float complex bool slice range
+    object Ellipsis NotImplemented unicode long basestring""".split()
+)
+
+
+def hostile_reason(qualname: str) -> str | None:
+    """Why ``module.name`` is on the hostile list, or None if it is not."""
+    module, _, name = qualname.rpartition(".")
+    top = module.split(".", 1)[0]
+    if top in ("builtins", "__builtin__", "__builtins__"):
+        return None if name in _BENIGN_BUILTINS else "builtin that can run code or touch files"
+    if top in _HOSTILE_PACKAGES:
+        return f"module {top!r} can run code or touch the system"
+    if qualname in _HOSTILE_EXACT or name.startswith("__") or module.startswith("__"):
+        return "callable that can run code or load another pickle"
+    if any(module == p or module.startswith(p + ".") or qualname == p for p in _HOSTILE_PREFIXES):
+        return "callable that can run code or load another pickle"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A storage in the file: where its bytes are is up to the format reader (``key``)."""
+
+    key: str
+    dtype: str
+    numel: int
+    location: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """A tensor in a torch pickle: a view into a storage. No data is read to make one."""
+
+    storage: StorageRef
+    offset: int  # in elements of ``dtype``
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    requires_grad: bool = False
+    is_parameter: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride), strict=True):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+
+@dataclass(frozen=True)
+class ArrayRecord:
+    """A numpy array pickled inline (detectron2 ``.pkl``). ``data`` is None in symbolic mode."""
+
+    dtype: str  # torch-style name
+    numpy_dtype: str  # e.g. "<f4"
+    shape: tuple[int, ...]
+    fortran: bool
+    data: bytes | None
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class StandIn:
+    """An inert record of an object the pickle would have built from a non-allowlisted global."""
+
+    qualname: str
+    args: tuple[Any, ...] = ()
+    state: Any = None
+    items: dict[Any, Any] = field(default_factory=dict)
+    listitems: list[Any] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"{self.qualname}(...) [not executed]"
+
+
+# --------------------------------------------------------------------------------------------------
+# what find_class hands to the pickle machine
+
+
+class _Refused(Exception):
+    """Raised inside the pickle machine; turned into a smartload error by :func:`unpickle`."""
+
+    def __init__(self, message: str, hostile: str | None = None) -> None:
+        super().__init__(message)
+        self.hostile = hostile
+
+
+class _NoBuild:
+    """Refuses BUILD on a global (the numpy/function ``__setstate__`` gadgets)."""
+
+    qualname = "?"
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Refused(f"BUILD applied to the global {self.qualname}", hostile=self.qualname)
+
+
+class _Builder(_NoBuild):
+    """An allowlisted callable: builds a record or a container, never runs file code."""
+
+    def __init__(self, qualname: str, fn: Callable[..., Any]) -> None:
+        self.qualname = qualname
+        self._fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+
+class _Marker(_NoBuild):
+    """A global that is only data: a storage type, a dtype, ``torch.Tensor``."""
+
+    def __init__(self, qualname: str, value: str) -> None:
+        self.qualname = qualname
+        self.value = value
+
+    def __call__(self, *args: Any) -> Any:
+        raise _Refused(f"the pickle calls {self.qualname}, which is only data")
+
+
+class _StateDict(dict):  # type: ignore[type-arg]
+    """``OrderedDict`` as torch pickles it: items, plus ``_metadata`` set by BUILD."""
+
+    _metadata: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, dict) and set(state) <= {"_metadata"}):
+            raise _Refused("BUILD on an OrderedDict with state other than _metadata")
+        self._metadata = state.get("_metadata")
+
+
+class _StandInType(type):
+    """Metaclass of stand-in classes: calling one records the call."""
+
+    qualname: str
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        obj = cls.__new__(cls)  # type: ignore[call-overload]
+        obj.record.args = args
+        return obj
+
+
+class _StandInBuild:
+    """``__setstate__`` descriptor: records state on an instance, refuses BUILD on the class."""
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Callable[[Any], None]:
+        if obj is None:
+            qualname = objtype.qualname
+
+            def refuse(state: Any) -> None:
+                raise _Refused(f"BUILD applied to the global {qualname}", hostile=qualname)
+
+            return refuse
+
+        def record(state: Any) -> None:
+            obj.record.state = state
+
+        return record
+
+
+class _StandInBase(metaclass=_StandInType):
+    record: StandIn
+    __setstate__ = _StandInBuild()
+
+    def __new__(cls, *args: Any) -> Any:  # NEWOBJ
+        obj = object.__new__(cls)
+        obj.record = StandIn(cls.qualname, args)  # type: ignore[attr-defined]
+        return obj
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S) on dict subclasses
+        self.record.items[key] = value
+
+    def append(self, value: Any) -> None:  # APPEND(S) on list subclasses
+        self.record.listitems.append(value)
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self.record.listitems.extend(values)
+
+
+# --------------------------------------------------------------------------------------------------
+# the unpickler
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(
+        self,
+        stream: BinaryIO,
+        *,
+        symbolic: bool,
+        allow_globals: frozenset[str],
+        persistent_load: Callable[[Any], Any] | None,
+        encoding: str,
+    ) -> None:
+        super().__init__(stream, encoding=encoding, fix_imports=False)
+        self.symbolic = symbolic
+        self.allow_globals = allow_globals
+        self.hostile: list[str] = []
+        self.problems: list[str] = []
+        self.globals_seen: dict[str, None] = {}
+        self._persistent = persistent_load
+        self._types: dict[str, type] = {}
+        self._builders = _builders(self)
+
+    # -- called by the pickle machine ---------------------------------------------------------
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        qualname = f"{module}.{name}"
+        self.globals_seen.setdefault(qualname, None)
+        if "." in name:
+            self._hostile(qualname, f"dotted global name {name!r} (attribute lookup)")
+            return self._stand_in_type(qualname)
+        if (reason := hostile_reason(qualname)) is not None and qualname not in self.allow_globals:
+            self._hostile(qualname, reason)
+            return self._stand_in_type(qualname)
+        builder = self._builders.get(qualname)
+        if builder is not None:
+            return builder
+        marker = _marker(qualname)
+        if marker is not None:
+            return marker
+        return self._stand_in_type(qualname)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._persistent is None:
+            self.refuse("a persistent id in a plain pickle (only torch files use them)")
+        return self._persistent(pid)  # type: ignore[misc]
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def refuse(self, message: str) -> Any:
+        raise _Refused(message)
+
+    def _hostile(self, qualname: str, reason: str) -> None:
+        if qualname not in self.hostile:
+            self.hostile.append(qualname)
+            self.problems.append(f"{qualname}: {reason}")
+
+    def _stand_in_type(self, qualname: str) -> type:
+        cls = self._types.get(qualname)
+        if cls is None:
+            cls = _StandInType(qualname.rpartition(".")[2], (_StandInBase,), {"qualname": qualname})
+            self._types[qualname] = cls
+        return cls
+
+
+def unpickle(
+    stream: BinaryIO,
+    *,
+    path: str,
+    member: str = "",
+    symbolic: bool = False,
+    allow_globals: Iterable[str] = (),
+    persistent_load: Callable[[Any], Any] | None = None,
+    encoding: str = "ASCII",
+    end: int | None = None,
+) -> tuple[Any, list[str]]:
+    """Run the restricted unpickler over ``stream`` from its current position.
+
+    Returns ``(object, globals seen)``; the stream is left just after the pickle's STOP. Raises :class:`UnsafeCheckpointError` if any
+    hostile global appears (listing all of them) and :class:`CheckpointFormatError` for malformed
+    pickles and disallowed constructs. With ``end``, bytes between the STOP and ``end`` are an error.
+    """
+    where = f"{path}:{member}" if member else path
+    up = _Unpickler(
+        stream,
+        symbolic=symbolic,
+        allow_globals=frozenset(allow_globals),
+        persistent_load=persistent_load,
+        encoding=encoding,
+    )
+    error: str | None = None
+    obj: Any = None
+    try:
+        obj = _resolve(up.load(), {})
+    except _Refused as exc:
+        if exc.hostile:
+            up._hostile(exc.hostile, str(exc))
+        error = str(exc)
+    except (CheckpointFormatError, UnsafeCheckpointError):
+        raise
+    except RecursionError:
+        error = "pickle nests too deeply"
+    except Exception as exc:  # the pickle machine reports malformed input with many types
+        error = f"malformed pickle ({type(exc).__name__}: {exc})"
+    if up.hostile:
+        raise UnsafeCheckpointError(where, up.hostile, detail="; ".join(up.problems))
+    if error is not None:
+        raise CheckpointFormatError(
+            where, error, "The file is corrupt or was not written by torch/numpy; re-export it"
+        )
+    if end is not None and (extra := end - stream.tell()) != 0:
+        raise CheckpointFormatError(
+            where,
+            f"{extra} unexpected byte(s) after the pickle's end",
+            "The file was altered after it was written; do not trust it",
+        )
+    return obj, list(up.globals_seen)
+
+
+# --------------------------------------------------------------------------------------------------
+# allowlisted builders
+
+
+def _marker(qualname: str) -> _Marker | None:
+    module, _, name = qualname.rpartition(".")
+    if module == "torch":
+        if name in _STORAGE_DTYPES:
+            return _Marker(qualname, _STORAGE_DTYPES[name])
+        dtype = _TORCH_DTYPE_ALIASES.get(name, name)
+        if dtype in DTYPE_ITEMSIZE:
+            return _Marker(qualname, dtype)
+        if name in ("Tensor", "Size"):
+            return _Marker(qualname, name)
+    if qualname in ("torch.storage.UntypedStorage", "torch.UntypedStorage"):
+        return _Marker(qualname, "uint8")
+    if qualname == "torch.nn.parameter.Parameter":
+        return _Marker(qualname, "Parameter")
+    if qualname in ("numpy.ndarray",):
+        return _Marker(qualname, "ndarray")
+    return None
+
+
+def _builders(up: _Unpickler) -> dict[str, _Builder]:
+    def tensor_v2(
+        storage: Any,
+        offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any = False,
+        backward_hooks: Any = None,
+        metadata: Any = None,
+    ) -> TensorRecord:
+        return _tensor(up, storage, offset, size, stride, requires_grad, backward_hooks, None)
+
+    def tensor_v3(
+        storage: Any,
+        offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any,
+        backward_hooks: Any,
+        dtype: Any,
+        metadata: Any = None,
+    ) -> TensorRecord:
+        if not isinstance(dtype, _Marker) or dtype.value not in DTYPE_ITEMSIZE:
+            up.refuse("_rebuild_tensor_v3 with a dtype that is not a torch dtype")
+        return _tensor(up, storage, offset, size, stride, requires_grad, backward_hooks, dtype.value)
+
+    def parameter(data: Any, requires_grad: Any, backward_hooks: Any, state: Any = None) -> Any:
+        if not isinstance(data, TensorRecord):
+            up.refuse("_rebuild_parameter of something that is not a tensor")
+        _check_no_hooks(up, backward_hooks)
+        if state:
+            up.refuse("_rebuild_parameter_with_state with Python state on the parameter")
+        return _replace(data, requires_grad=bool(requires_grad), is_parameter=True)
+
+    def from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+        if not (isinstance(func, _Builder) and func.qualname in _TENSOR_REBUILDERS):
+            name = getattr(func, "qualname", type(func).__name__)
+            up.refuse(f"_rebuild_from_type_v2 with the foreign function {name}")
+        if not (isinstance(new_type, _Marker) and new_type.value in ("Tensor", "Parameter")):
+            name = getattr(new_type, "qualname", type(new_type).__name__)
+            up.refuse(f"_rebuild_from_type_v2 to the foreign type {name}")
+        if not isinstance(args, tuple):
+            up.refuse("_rebuild_from_type_v2 without an argument tuple")
+        record = func(*args)
+        if state:
+            up.refuse("a tensor carrying Python attributes (_rebuild_from_type_v2 state)")
+        if new_type.value == "Parameter":
+            record = _replace(record, is_parameter=True)
+        return record
+
+    def ordered_dict(*args: Any) -> _StateDict:
+        if args:
+            up.refuse("OrderedDict called with arguments")
+        return _StateDict()
+
+    def codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            up.refuse("_codecs.encode other than str → bytes in latin1")
+        return text.encode("latin1")
+
+    def reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
+        if not isinstance(cls, _StandInType):
+            up.refuse(f"copyreg._reconstructor of {getattr(cls, 'qualname', cls)!r}")
+        obj = cls.__new__(cls)
+        obj.record.state = state
+        return obj
+
+    def np_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> _NdArray:
+        if not (isinstance(cls, _Marker) and cls.value == "ndarray"):
+            up.refuse("numpy _reconstruct of something other than numpy.ndarray")
+        return _NdArray(up)
+
+    def np_dtype(code: Any, align: Any = False, copy: Any = True) -> _NpDtype:
+        return _NpDtype(up, code)
+
+    def np_scalar(dtype: Any, data: Any = None) -> ArrayRecord:
+        if not isinstance(dtype, _NpDtype) or not isinstance(data, bytes):
+            up.refuse("numpy scalar with a non-numeric dtype or no bytes")
+        return _array(up, dtype, (), False, data)
+
+    def np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> ArrayRecord:
+        if not isinstance(dtype, _NpDtype) or not isinstance(buf, bytes | bytearray):
+            up.refuse("numpy _frombuffer without a numeric dtype and in-band bytes")
+        return _array(up, dtype, _shape(up, shape), order == "F", bytes(buf))
+
+    table: dict[str, Callable[..., Any]] = {
+        "torch._utils._rebuild_tensor_v2": tensor_v2,
+        "torch._utils._rebuild_tensor_v3": tensor_v3,
+        "torch._utils._rebuild_parameter": parameter,
+        "torch._utils._rebuild_parameter_with_state": parameter,
+        "torch._tensor._rebuild_from_type_v2": from_type_v2,
+        "torch._utils._rebuild_from_type_v2": from_type_v2,
+        "collections.OrderedDict": ordered_dict,
+        "_codecs.encode": codecs_encode,
+        "copyreg._reconstructor": reconstructor,
+    }
+    for np_core in ("numpy.core", "numpy._core"):
+        table[f"{np_core}.multiarray._reconstruct"] = np_reconstruct
+        table[f"{np_core}.multiarray.scalar"] = np_scalar
+        table[f"{np_core}.numeric._frombuffer"] = np_frombuffer
+    table["numpy.dtype"] = np_dtype
+    return {name: _Builder(name, fn) for name, fn in table.items()}
+
+
+_TENSOR_REBUILDERS = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3")
+
+
+def _replace(record: TensorRecord, **changes: Any) -> TensorRecord:
+    from dataclasses import replace
+
+    return replace(record, **changes)
+
+
+def _check_no_hooks(up: _Unpickler, hooks: Any) -> None:
+    if hooks is None or (isinstance(hooks, dict) and not hooks):
+        return
+    up.refuse("a tensor with backward hooks (they would be code references)")
+
+
+def _shape(up: _Unpickler, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, tuple | list) or not all(
+        type(v) is int and 0 <= v < 2**48 for v in value
+    ):
+        up.refuse(f"a tensor shape that is not a tuple of non-negative integers: {value!r:.80}")
+    return tuple(value)
+
+
+def _tensor(
+    up: _Unpickler,
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    dtype: str | None,
+) -> TensorRecord:
+    if not isinstance(storage, StorageRef):
+        up.refuse("a tensor rebuilt from something that is not a storage of the file")
+    _check_no_hooks(up, backward_hooks)
+    shape = _shape(up, size)
+    if not isinstance(stride, tuple | list) or len(stride) != len(shape):
+        up.refuse("a tensor stride that does not match its shape")
+    if not all(type(s) is int for s in stride) or any(s < 0 for s in stride):
+        up.refuse(f"a tensor with negative or non-integer strides {tuple(stride)!r:.80}")
+    if type(offset) is not int or offset < 0:
+        up.refuse(f"a tensor with storage offset {offset!r:.40}")
+    dtype = dtype or storage.dtype
+    itemsize = DTYPE_ITEMSIZE[dtype]
+    numel = 1
+    for s in shape:
+        numel *= s
+    extent = 0 if numel == 0 else offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+    if extent * itemsize > storage.nbytes:
+        up.refuse(
+            f"a tensor of shape {list(shape)} at offset {offset} reads past the end of storage "
+            f"{storage.key!r} ({storage.nbytes} bytes)"
+        )
+    return TensorRecord(storage, offset, shape, tuple(stride), dtype, bool(requires_grad))
+
+
+class _NpDtype(_NoBuild):
+    """``numpy.dtype(code, align, copy)`` plus its BUILD state: numeric kinds only."""
+
+    qualname = "numpy.dtype"
+
+    def __init__(self, up: _Unpickler, code: Any) -> None:
+        self._up = up
+        if not isinstance(code, str):
+            up.refuse("numpy.dtype with a non-string code")
+        code = _NUMPY_CHAR_CODES.get(code, code)
+        if code.startswith("O") or code.startswith("V"):
+            raise _Refused(
+                "an object or structured numpy array (numpy.dtype('O')); such arrays "
+                "carry pickled Python objects",
+                hostile="numpy.dtype('O')",
+            )
+        self.code = code
+        self.byteorder = "<"
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags)
+        if not (isinstance(state, tuple) and len(state) >= 5):
+            self._up.refuse("numpy dtype with malformed state")
+        if state[2] is not None or state[3] is not None or state[4] is not None:
+            self._up.refuse("structured numpy dtype (sub-arrays or fields)")
+        if state[1] in ("<", ">", "|", "="):
+            self.byteorder = state[1]
+
+    def torch_name(self) -> str:
+        if self.byteorder == ">" and not self.code.endswith("1"):
+            self._up.refuse(f"big-endian numpy array (dtype >{self.code})")
+        name = _NUMPY_DTYPES.get(self.code)
+        if name is None:
+            self._up.refuse(f"numpy dtype {self.code!r} is not numeric")
+        return name  # type: ignore[return-value]
+
+
+class _NdArray(_NoBuild):
+    """``numpy.core.multiarray._reconstruct(ndarray, ...)`` waiting for its BUILD state."""
+
+    qualname = "numpy.ndarray"
+
+    def __init__(self, up: _Unpickler) -> None:
+        self._up = up
+        self.record: ArrayRecord | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, shape, dtype, is_fortran, rawdata)
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _NpDtype)):
+            self._up.refuse("numpy array with malformed state")
+        _, shape, dtype, fortran, raw = state
+        if isinstance(raw, str):  # protocol 0/1 py2 pickles store bytes as latin1 text
+            raw = raw.encode("latin1")
+        if not isinstance(raw, bytes | bytearray):
+            self._up.refuse("numpy array whose data is not bytes (object array)")
+        self.record = _array(self._up, dtype, _shape(self._up, shape), bool(fortran), bytes(raw))
+
+
+def _array(
+    up: _Unpickler, dtype: _NpDtype, shape: tuple[int, ...], fortran: bool, raw: bytes
+) -> ArrayRecord:
+    name = dtype.torch_name()
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel * DTYPE_ITEMSIZE[name] != len(raw):
+        up.refuse(
+            f"numpy array of shape {list(shape)} and dtype {dtype.code} has {len(raw)} bytes of data"
+        )
+    data = None if up.symbolic else raw
+    return ArrayRecord(name, dtype.byteorder + dtype.code, shape, fortran, data, len(raw))
+
+
+def _resolve(obj: Any, memo: dict[int, Any]) -> Any:
+    """Replace the unpickler's helper objects in a loaded tree by plain records and containers."""
+    key = id(obj)
+    if key in memo:
+        return memo[key]
+    out: Any
+    if isinstance(obj, _NdArray):
+        if obj.record is None:
+            raise _Refused("a numpy array without its data (no BUILD)")
+        out = obj.record
+    elif isinstance(obj, _StandInBase):
+        out = memo[key] = obj.record
+        out.args = _resolve(out.args, memo)
+        out.state = _resolve(out.state, memo)
+        out.items = {k: _resolve(v, memo) for k, v in out.items.items()}
+        out.listitems = [_resolve(v, memo) for v in out.listitems]
+    elif isinstance(obj, _StandInType | _NoBuild):
+        out = StandIn(obj.qualname)
+    elif isinstance(obj, dict):
+        out = memo[key] = {}
+        for k, v in obj.items():
+            out[k] = _resolve(v, memo)
+    elif isinstance(obj, list):
+        out = memo[key] = []
+        out.extend(_resolve(v, memo) for v in obj)
+    elif isinstance(obj, tuple):
+        out = tuple(_resolve(v, memo) for v in obj)
+    else:
+        return obj
+    memo[key] = out
+    return out
+
+
+# the table's names do not depend on the unpickler it closes over
+_BUILDER_NAMES = frozenset(_builders(None))  # type: ignore[arg-type]
+
+
+def inert_globals(globals_seen: Iterable[str]) -> list[str]:
+    """The globals that became inert stand-ins (neither allowlisted builders nor data markers)."""
+    return [
+        g
+        for g in globals_seen
+        if g not in _BUILDER_NAMES and _marker(g) is None and hostile_reason(g) is None
+    ]

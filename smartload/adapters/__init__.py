@@ -1,0 +1,75 @@
+"""Framework adapters: head rules for a model family, chosen from the model.
+
+An adapter is data for the planner: which model keys form class-count heads (:class:`HeadRule`),
+and how many classes the model has. Framework adapters live in ``smartload/adapters/<name>.py``
+and import their framework lazily; the core never imports them unless the model asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .._heads import HeadRule
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Adapter", "GenericAdapter", "HeadRule", "select_adapter"]
+
+
+class Adapter:
+    """Base class. ``name`` appears in the report."""
+
+    name = "generic"
+    knows_heads = True  # False: its head rules are guesses, used only when num_classes is given
+
+    def head_rules(self, model: torch.nn.Module) -> list[HeadRule]:
+        """The model's class-count heads."""
+        return []
+
+    def num_classes(self, model: torch.nn.Module) -> int | None:
+        """The model's class count as its heads say, or None when unknown."""
+        return None
+
+
+class GenericAdapter(Adapter):
+    """Any ``nn.Module``: its last ``nn.Linear`` is taken to be the classifier."""
+
+    knows_heads = False
+
+    def _classifier(self, model: torch.nn.Module) -> tuple[str, torch.nn.Linear] | None:
+        import torch
+
+        last = None
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                last = (name, module)
+        return last
+
+    def head_rules(self, model: torch.nn.Module) -> list[HeadRule]:
+        found = self._classifier(model)
+        if found is None:
+            return []
+        name, _ = found
+        return [HeadRule(name=name, keys=(f"{name}.weight", f"{name}.bias"))]
+
+    def num_classes(self, model: torch.nn.Module) -> int | None:
+        found = self._classifier(model)
+        return None if found is None else found[1].out_features
+
+
+# (test on the model, module, class): framework adapters register here; checked in order.
+_REGISTRY: list[tuple[Callable[[torch.nn.Module], bool], str, str]] = []
+
+
+def select_adapter(model: torch.nn.Module, adapter: Adapter | None = None) -> Adapter:
+    """The adapter given, else the first registered one that claims the model, else generic."""
+    if adapter is not None:
+        return adapter
+    for claims, module, cls in _REGISTRY:
+        if claims(model):
+            found: Adapter = getattr(importlib.import_module(module), cls)()
+            return found
+    return GenericAdapter()
