@@ -134,15 +134,16 @@ def _read_torch_zip(path: str, symbolic: bool, allow: frozenset[str]) -> RawChec
         size = os.fstat(f.fileno()).st_size
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            members = _check_zip_directory(path, archive, size)
-            pkl = [name for name in members if name.rpartition("/")[2] == "data.pkl"]
-            if any("/code/" in name or name.endswith("constants.pkl") for name in members):
+            names = archive.namelist()
+            if any("/code/" in name or name.endswith("constants.pkl") for name in names):
                 raise CheckpointFormatError(
                     path,
                     "a TorchScript archive (it contains code/ and constants.pkl)",
                     "smartload never runs TorchScript; export a state dict with "
                     "torch.save(model.state_dict()) from code you trust",
                 )
+            members = _check_zip_directory(path, archive, size)
+            pkl = [name for name in members if name.rpartition("/")[2] == "data.pkl"]
             if len(pkl) != 1 or pkl[0].count("/") != 1:
                 raise CheckpointFormatError(
                     path,

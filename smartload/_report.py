@@ -242,7 +242,7 @@ def _table_rows(entries: Sequence[PlanEntry]) -> list[tuple[str, str, str]]:
         ("copy", top if top in top_level else f"{top}.*", f"{n} tensor(s), same shape")
         for top, n in sorted(copies.items())
     ]
-    for (_, action, detail), keys in sorted(grouped.items()):
+    for (_, action, detail), keys in sorted(grouped.items(), key=lambda item: min(item[1])):
         rows.extend((action, group, detail) for group in group_keys(keys))
     return rows
 

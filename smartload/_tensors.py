@@ -77,4 +77,5 @@ def _from_array(record: ArrayRecord) -> torch.Tensor:
     assert record.data is not None, "arrays are materialized only in materialize mode"
     array = np.frombuffer(record.data, dtype=np.dtype(record.numpy_dtype))
     array = array.reshape(record.shape, order="F" if record.fortran else "C")
-    return torch.from_numpy(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("="), copy=True))
+    # a native-order, writable, C-ordered copy (0-d arrays stay 0-d)
+    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), order="C", copy=True))
