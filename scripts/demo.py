@@ -45,8 +45,10 @@ def main() -> None:
         )
         print(report)
         same = torch.equal(model.layer4[1].conv2.weight, pretrained.layer4[1].conv2.weight)
-        print(f"\nbackbone weights equal to the checkpoint's: {same}; head shape: "
-              f"{tuple(model.fc.weight.shape)}")
+        print(
+            f"\nbackbone weights equal to the checkpoint's: {same}; head shape: "
+            f"{tuple(model.fc.weight.shape)}"
+        )
 
 
 if __name__ == "__main__":

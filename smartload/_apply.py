@@ -45,7 +45,9 @@ def apply_plan(model: torch.nn.Module, plan: LoadPlan, *, on_nonfinite: str = "e
             assert entry.source is not None
             source = materializer.tensor(plan.tensors[entry.source])
             if tuple(source.shape) != entry.ckpt_shape:
-                raise CheckpointFormatError(plan.checkpoint, f"tensor {entry.source!r} changed shape")
+                raise CheckpointFormatError(
+                    plan.checkpoint, f"tensor {entry.source!r} changed shape"
+                )
             if on_nonfinite == "error" and (problem := _nonfinite(source)):
                 nonfinite.append(f"{entry.source} ({problem})")
                 continue

@@ -129,7 +129,9 @@ def _read_torch_zip(path: str, symbolic: bool, allow: frozenset[str]) -> RawChec
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointFormatError(path, f"corrupt zip archive ({exc})", "Download it again") from None
+        raise CheckpointFormatError(
+            path, f"corrupt zip archive ({exc})", "Download it again"
+        ) from None
     with archive, open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -153,7 +155,9 @@ def _read_torch_zip(path: str, symbolic: bool, allow: frozenset[str]) -> RawChec
             prefix = pkl[0][: -len("data.pkl")]
             order = members.get(prefix + "byteorder")
             if order is not None and _member_bytes(path, mm, order) != b"little":
-                raise CheckpointFormatError(path, "a big-endian checkpoint", "Re-save it on x86/ARM")
+                raise CheckpointFormatError(
+                    path, "a big-endian checkpoint", "Re-save it on x86/ARM"
+                )
             pickle_bytes = _member_bytes(path, mm, members[pkl[0]], check_crc=True)
             storages: dict[str, StorageRef] = {}
             sources: dict[str, Source] = {}
@@ -190,7 +194,9 @@ def _read_torch_zip(path: str, symbolic: bool, allow: frozenset[str]) -> RawChec
     return RawCheckpoint(path, "torch-zip", tree, sources, globals_)
 
 
-def _check_zip_directory(path: str, archive: zipfile.ZipFile, size: int) -> dict[str, zipfile.ZipInfo]:
+def _check_zip_directory(
+    path: str, archive: zipfile.ZipFile, size: int
+) -> dict[str, zipfile.ZipInfo]:
     members: dict[str, zipfile.ZipInfo] = {}
     for info in archive.infolist():
         if info.filename in members:
@@ -222,7 +228,7 @@ def _data_offset(path: str, mm: mmap.mmap, info: zipfile.ZipInfo) -> int:
     header = mm[start : start + 30]
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise CheckpointFormatError(path, f"zip member {info.filename!r}: bad local header")
-    method, name_len, extra_len = struct.unpack("<8xH16xHH", header)
+    method, name_len, extra_len = (int(v) for v in struct.unpack("<8xH16xHH", header))
     name = mm[start + 30 : start + 30 + name_len]
     if name != info.filename.encode("utf-8") and name != info.filename.encode("cp437"):
         raise CheckpointFormatError(
@@ -393,7 +399,9 @@ def _read_safetensors(path: str, key_prefix: str = "") -> RawCheckpoint:
     expected = 0
     for begin, end, name in spans:
         if begin != expected:
-            problem = "overlaps the previous tensor" if begin < expected else "leaves a gap before it"
+            problem = (
+                "overlaps the previous tensor" if begin < expected else "leaves a gap before it"
+            )
             raise CheckpointFormatError(
                 path, f"tensor {name!r} at byte {begin} {problem}", "The file is corrupt or crafted"
             )
@@ -523,7 +531,9 @@ def _read_index(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoi
         globals_.extend(g for g in part.globals if g not in globals_)
     fmt = "safetensors-sharded" if formats <= {"safetensors"} else "torch-sharded"
     metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-    return RawCheckpoint(path, fmt, tree, sources, globals_, {k: str(v) for k, v in metadata.items()})
+    return RawCheckpoint(
+        path, fmt, tree, sources, globals_, {k: str(v) for k, v in metadata.items()}
+    )
 
 
 def _rekey(record: Any, shard: str) -> Any:

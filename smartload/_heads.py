@@ -49,7 +49,9 @@ class HeadRule:
         return k if rem == 0 and k >= 0 else None
 
 
-def source_rows(rule: HeadRule, old_k: int, new_k: int, class_map: Sequence[int | None]) -> list[int | None]:
+def source_rows(
+    rule: HeadRule, old_k: int, new_k: int, class_map: Sequence[int | None]
+) -> list[int | None]:
     """For each row of the new head, the checkpoint row it takes (None: initialise it)."""
     first = 1 if rule.background == "first" else 0
     rows: list[int | None] = [0] if first else []

@@ -19,8 +19,16 @@ __all__ = ["CheckpointInfo", "TensorInfo", "inspect"]
 # Keys that are classifier/detector heads in the frameworks users load from, with the rows the
 # background class adds.
 _HEAD_PATTERNS: tuple[tuple[str, int, str], ...] = (
-    (r"(^|\.)roi_heads\.box_predictor\.(\d+\.)?cls_score\.weight$", 1, "detectron2 (background last)"),
-    (r"(^|\.)(fc|classifier|head|head\.fc|heads\.head|last_linear|head_dist)\.weight$", 0, "classifier"),
+    (
+        r"(^|\.)roi_heads\.box_predictor\.(\d+\.)?cls_score\.weight$",
+        1,
+        "detectron2 (background last)",
+    ),
+    (
+        r"(^|\.)(fc|classifier|head|head\.fc|heads\.head|last_linear|head_dist)\.weight$",
+        0,
+        "classifier",
+    ),
     (r"(^|\.)classifier\.\d+\.weight$", 0, "classifier"),
 )
 

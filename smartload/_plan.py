@@ -33,7 +33,17 @@ _EXACT_CASTS = {
     "uint8": {"int16", "int32", "int64", "float16", "float32", "float64"},
     "int16": {"int32", "int64", "float32", "float64"},
     "int32": {"int64", "float64"},
-    "bool": {"uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64"},
+    "bool": {
+        "uint8",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+    },
 }
 
 
@@ -320,7 +330,7 @@ def _note_tied(
     model_sd: Mapping[str, torch.Tensor], entries: list[PlanEntry], notes: list[str]
 ) -> None:
     """A key missing from the checkpoint but sharing storage with a loaded one is loaded through it."""
-    loaded = {}
+    loaded: dict[tuple[int, int, tuple[int, ...]], str] = {}
     for e in entries:
         if e.action in ("copy", "slice") and model_sd[e.key].numel():
             loaded.setdefault(_storage_id(model_sd[e.key]), e.key)
@@ -332,7 +342,7 @@ def _note_tied(
 
 
 def _storage_id(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+    return (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
 
 
 def _replace(entry: PlanEntry, **changes: Any) -> PlanEntry:

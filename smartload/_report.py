@@ -128,7 +128,9 @@ class _Outcome:
         s = self.summary
         # rounded down: 99.96% must not read as 100%
         share = s["reused_params"] * 1000 // s["model_params"] / 10 if s["model_params"] else 0.0
-        parts = [f"{s[a]} {a}" for a in ACTIONS if s[a]] + ([f"{s['unused']} unused"] if s["unused"] else [])
+        parts = [f"{s[a]} {a}" for a in ACTIONS if s[a]] + (
+            [f"{s['unused']} unused"] if s["unused"] else []
+        )
         return (
             f"reused {s['reused_params']:,}/{s['model_params']:,} parameters ({share:.1f}%) "
             f"from {os.path.basename(self.checkpoint) or self.checkpoint}: " + ", ".join(parts)
@@ -163,7 +165,9 @@ class _Outcome:
             others = ", ".join("/".join(p) or "top level" for p in self.other_state_dicts)
             lines.append(f"other state dicts in the file (not used): {others}")
         if self.inert_globals:
-            lines.append("inert objects (recorded, never executed): " + ", ".join(self.inert_globals))
+            lines.append(
+                "inert objects (recorded, never executed): " + ", ".join(self.inert_globals)
+            )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

@@ -49,7 +49,7 @@ class Materializer:
         if data is None:
             size = os.path.getsize(path)
             storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
-            data = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[call-overload]
+            data = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
             self._files[path] = data
         return data
 
@@ -59,9 +59,11 @@ class Materializer:
         if len(raw) != source.nbytes:
             raise CheckpointFormatError(source.file, f"storage {record.storage.key!r} is truncated")
         if self._verify_crc and source.crc is not None and record.storage.key not in self._checked:
-            if zlib.crc32(raw.numpy()) != source.crc:
+            if zlib.crc32(raw.numpy().data) != source.crc:
                 raise CheckpointFormatError(
-                    source.file, f"CRC mismatch in storage {record.storage.key!r}", "The file is corrupt"
+                    source.file,
+                    f"CRC mismatch in storage {record.storage.key!r}",
+                    "The file is corrupt",
                 )
             self._checked.add(record.storage.key)
         dtype = torch_dtype(record.dtype)

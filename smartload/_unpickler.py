@@ -296,7 +296,7 @@ class _StandInBase(metaclass=_StandInType):
 
     def __new__(cls, *args: Any) -> Any:  # NEWOBJ
         obj = object.__new__(cls)
-        obj.record = StandIn(cls.qualname, args)  # type: ignore[attr-defined]
+        obj.record = StandIn(cls.qualname, args)
         return obj
 
     def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S) on dict subclasses
@@ -478,7 +478,9 @@ def _builders(up: _Unpickler) -> dict[str, _Builder]:
     ) -> TensorRecord:
         if not isinstance(dtype, _Marker) or dtype.value not in DTYPE_ITEMSIZE:
             up.refuse("_rebuild_tensor_v3 with a dtype that is not a torch dtype")
-        return _tensor(up, storage, offset, size, stride, requires_grad, backward_hooks, dtype.value)
+        return _tensor(
+            up, storage, offset, size, stride, requires_grad, backward_hooks, dtype.value
+        )
 
     def parameter(data: Any, requires_grad: Any, backward_hooks: Any, state: Any = None) -> Any:
         if not isinstance(data, TensorRecord):
@@ -512,7 +514,8 @@ def _builders(up: _Unpickler) -> dict[str, _Builder]:
     def codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
             up.refuse("_codecs.encode other than str → bytes in latin1")
-        return text.encode("latin1")
+        encoded: bytes = text.encode("latin1")
+        return encoded
 
     def reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
         if not isinstance(cls, _StandInType):
@@ -606,7 +609,11 @@ def _tensor(
     numel = 1
     for s in shape:
         numel *= s
-    extent = 0 if numel == 0 else offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+    extent = (
+        0
+        if numel == 0
+        else offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+    )
     if extent * itemsize > storage.nbytes:
         up.refuse(
             f"a tensor of shape {list(shape)} at offset {offset} reads past the end of storage "
@@ -625,7 +632,7 @@ class _NpDtype(_NoBuild):
         if not isinstance(code, str):
             up.refuse("numpy.dtype with a non-string code")
         code = _NUMPY_CHAR_CODES.get(code, code)
-        if code.startswith("O") or code.startswith("V"):
+        if code.startswith(("O", "V")):
             raise _Refused(
                 "an object or structured numpy array (numpy.dtype('O')); such arrays "
                 "carry pickled Python objects",

@@ -83,7 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(args: argparse.Namespace, exc: SmartloadError, code: int, verdict: str) -> int:
     if args.json:
-        out = {"path": args.path, "safe": verdict != "unsafe", "error": verdict, "message": str(exc)}
+        out = {
+            "path": args.path,
+            "safe": verdict != "unsafe",
+            "error": verdict,
+            "message": str(exc),
+        }
         if isinstance(exc, UnsafeCheckpointError):
             out["globals"] = exc.globals
         print(json.dumps(out, indent=2))
@@ -106,11 +111,12 @@ def _render(info: CheckpointInfo, *, show_all: bool) -> str:
     for key, value in info.extras.items():
         lines.append(f"  {key:<11} {value}")
     if info.inert_globals:
-        lines.append("  inert       " + ", ".join(info.inert_globals) + " (recorded, never executed)")
+        lines.append(
+            "  inert       " + ", ".join(info.inert_globals) + " (recorded, never executed)"
+        )
     for head in info.heads:
         lines.append(
-            f"  head        {head.key}: {head.rows} rows → "
-            f"{head.num_classes} classes ({head.kind})"
+            f"  head        {head.key}: {head.rows} rows → {head.num_classes} classes ({head.kind})"
         )
     if info.shared_storages:
         lines.append(f"  shared      {info.shared_storages} storage(s) viewed by several tensors")
@@ -121,7 +127,7 @@ def _render(info: CheckpointInfo, *, show_all: bool) -> str:
     rows = _key_rows(info.tensors)
     if len(rows) > _COLLAPSE_AT and not show_all:
         hidden = len(rows) - 40
-        rows = [*rows[:30], ("", f"... {hidden} more groups (--all shows them)", ""), *rows[-10:]]
+        rows = [*rows[:30], (f"... {hidden} more groups (--all shows them)", "", ""), *rows[-10:]]
     width = min(max((len(r[0]) for r in rows), default=0), 70)
     lines.append("")
     lines.extend(f"  {k:<{width}}  {s:<18} {d}".rstrip() for k, s, d in rows)

@@ -103,7 +103,9 @@ FLOAT_STORAGE = Global("torch", "FloatStorage")
 ORDERED_DICT = Call(Global("collections", "OrderedDict"), ())
 
 
-def tensor(key: str, numel: int, shape: tuple[int, ...], stride: tuple[int, ...], offset: int = 0) -> Call:
+def tensor(
+    key: str, numel: int, shape: tuple[int, ...], stride: tuple[int, ...], offset: int = 0
+) -> Call:
     """``_rebuild_tensor_v2`` of float32 storage ``key`` declared with ``numel`` elements."""
     storage = Pid(("storage", FLOAT_STORAGE, key, "cpu", numel))
     return Call(REBUILD, (storage, offset, shape, stride, False, ORDERED_DICT))

@@ -105,7 +105,10 @@ def test_safetensors_sharded_index_and_directory(tmp_path: Path) -> None:
     """model.safetensors.index.json with two shards, given as the index file or its directory."""
     sd = _state()
     keys = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": keys[:3], "model-00002-of-00002.safetensors": keys[3:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[:3],
+        "model-00002-of-00002.safetensors": keys[3:],
+    }
     weight_map = {}
     for shard, shard_keys in shards.items():
         save_file({k: sd[k] for k in shard_keys}, str(tmp_path / shard))
@@ -159,7 +162,11 @@ def test_caffe2_blobs_pkl_py2_latin1(tmp_path: Path) -> None:
     """A Python 2 style pickle ({"blobs": ...}, str data read as latin1) is found and read."""
     weight = np.arange(6, dtype=np.float32).reshape(2, 3)
     path = tmp_path / "R-50.pkl"
-    path.write_bytes(pickle.dumps({"blobs": {"fc1000_w": weight, "fc1000_b": np.zeros(2, np.float32)}}, protocol=2))
+    path.write_bytes(
+        pickle.dumps(
+            {"blobs": {"fc1000_w": weight, "fc1000_b": np.zeros(2, np.float32)}}, protocol=2
+        )
+    )
     info = smartload.inspect(path)
     assert info.state_dict_path == ("blobs",)
     assert {k: (t.shape, t.dtype) for k, t in info.tensors.items()} == {

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import Payload, assert_unchanged, make_net, snapshot
-from pickle_asm import ORDERED_DICT, Build, Call, Global, Raw, assemble, tensor, torch_zip
+from pickle_asm import Build, Call, Global, assemble, tensor, torch_zip
 from safetensors.torch import save_file
 
 import smartload
@@ -105,9 +105,7 @@ HOSTILE: dict[str, tuple[Maker, list[str]]] = {
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_file_is_refused_by_load_and_inspect(
-    case: str, tmp_path: Path, touch: str
-) -> None:
+def test_hostile_file_is_refused_by_load_and_inspect(case: str, tmp_path: Path, touch: str) -> None:
     maker, expected = HOSTILE[case]
     path = maker(tmp_path, touch)
     model = make_net(10)
@@ -339,7 +337,9 @@ def test_nonfinite_values_are_refused_naming_the_key(tmp_path: Path) -> None:
     before = snapshot(model)
     with pytest.raises(CheckpointFormatError) as caught:
         smartload.load(model, path)
-    assert "non-finite values in 2 tensor(s): conv.weight (1 NaN), fc.bias (1 Inf)" in str(caught.value)
+    assert "non-finite values in 2 tensor(s): conv.weight (1 NaN), fc.bias (1 Inf)" in str(
+        caught.value
+    )
     assert "on_nonfinite='allow'" in str(caught.value)
     assert_unchanged(model, before)
     smartload.load(model, path, on_nonfinite="allow")

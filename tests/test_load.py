@@ -37,7 +37,12 @@ def test_head_is_reinitialised_when_the_class_count_changes(ckpt100: tuple[Path,
             assert torch.equal(model.state_dict()[key], sd[key]), key
     fc = {e.key: e for e in report.entries if e.key.startswith("fc.")}
     assert {k: (e.action, e.ckpt_shape, e.model_shape, e.reason) for k, e in fc.items()} == {
-        "fc.weight": ("reinit-normal", (100, 8), (10, 8), "head fc: 100 → 10 classes, no class map"),
+        "fc.weight": (
+            "reinit-normal",
+            (100, 8),
+            (10, 8),
+            "head fc: 100 → 10 classes, no class map",
+        ),
         "fc.bias": ("reinit-normal", (100,), (10,), "head fc: 100 → 10 classes, no class map"),
     }
     assert torch.equal(model.fc.bias.detach(), torch.zeros(10))
@@ -75,7 +80,9 @@ def test_num_classes_that_disagrees_with_the_model_is_an_error(ckpt100: tuple[Pa
     path, _ = ckpt100
     model = make_net(100, seed=2)
     before = snapshot(model)
-    with pytest.raises(IncompatibleCheckpointError, match=r"num_classes=10, but the model's head has 100 classes"):
+    with pytest.raises(
+        IncompatibleCheckpointError, match=r"num_classes=10, but the model's head has 100 classes"
+    ):
         smartload.load(model, path, num_classes=10)
     assert_unchanged(model, before)
 
@@ -103,7 +110,9 @@ def test_class_map_by_index_takes_exact_rows(ckpt100: tuple[Path, dict]) -> None
     assert float(b[1]) == 0.0
     entry = next(e for e in report.entries if e.key == "fc.weight")
     assert (entry.action, entry.reason, entry.reused) == (
-        "slice", "head fc: 100 → 4 classes, 3 of 4 rows kept by class map", 3 * 8
+        "slice",
+        "head fc: 100 → 4 classes, 3 of 4 rows kept by class map",
+        3 * 8,
     )
     assert report.heads[0].class_map == (7, None, 0, 99)
 
@@ -115,12 +124,18 @@ def test_class_map_by_names(ckpt100: tuple[Path, dict]) -> None:
     assert smartload.class_map_by_names(old, ["Traffic Light", "dog", "zebra"]) == [5, 42, None]
     model = make_net(3, seed=2)
     report = smartload.load(
-        model, path, num_classes=3, source_classes=old, target_classes=["Traffic Light", "dog", "zebra"]
+        model,
+        path,
+        num_classes=3,
+        source_classes=old,
+        target_classes=["Traffic Light", "dog", "zebra"],
     )
     assert torch.equal(model.fc.weight.detach()[1], sd["fc.weight"][42])
     assert report.heads[0].unmatched == ("zebra",)
     model2 = make_net(3, seed=2)
-    smartload.load(model2, path, num_classes=3, class_map=["dog", None, "class9"], source_classes=old)
+    smartload.load(
+        model2, path, num_classes=3, class_map=["dog", None, "class9"], source_classes=old
+    )
     assert torch.equal(model2.fc.weight.detach()[0], sd["fc.weight"][42])
     assert torch.equal(model2.fc.weight.detach()[2], sd["fc.weight"][9])
 
@@ -129,7 +144,10 @@ def test_class_map_by_names(ckpt100: tuple[Path, dict]) -> None:
     ("class_map", "message"),
     [
         ([1, 2], "class_map has 2 entries but the model (head fc) has 3 classes; give one entry"),
-        ([1, 2, 100], "class_map[2] = 100 is not a checkpoint class index (head fc) (0..99) or None"),
+        (
+            [1, 2, 100],
+            "class_map[2] = 100 is not a checkpoint class index (head fc) (0..99) or None",
+        ),
         ([1, 2, "dog"], "class_map names class 'dog' but the checkpoint's class names are unknown"),
     ],
 )
@@ -154,7 +172,10 @@ def test_policies_override_defaults(ckpt100: tuple[Path, dict]) -> None:
     assert actions["conv.weight"] == ("copy", "same shape")
     assert torch.equal(model.fc.weight.detach(), fc_before)
     assert not torch.equal(model.bn.running_mean, sd["bn.running_mean"])
-    with pytest.raises(InvalidArgumentError, match="unknown action 'zero'; use one of copy, slice, reinit-normal, skip"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match="unknown action 'zero'; use one of copy, slice, reinit-normal, skip",
+    ):
         smartload.diff(model, path, policies={"fc.*": "zero"})
 
 
@@ -214,7 +235,9 @@ def test_ema_weights_only_when_asked(tmp_path: Path) -> None:
     model = make_net(10, seed=2)
     report = smartload.load(model, path)
     assert (report.state_dict_path, report.ema, report.other_state_dicts) == (
-        ("state_dict",), False, (("state_dict_ema",),)
+        ("state_dict",),
+        False,
+        (("state_dict_ema",),),
     )
     assert torch.equal(model.fc.weight.detach(), raw["fc.weight"])
     report = smartload.load(model, path, ema=True)
@@ -222,11 +245,15 @@ def test_ema_weights_only_when_asked(tmp_path: Path) -> None:
     assert torch.equal(model.fc.weight.detach(), ema["fc.weight"])
     only_ema = tmp_path / "only_ema.pth"
     torch.save({"model_ema": ema}, only_ema)
-    with pytest.raises(InvalidArgumentError, match=r"holds only EMA weights \(\['model_ema'\]\); pass ema=True"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"holds only EMA weights \(\['model_ema'\]\); pass ema=True"
+    ):
         smartload.load(model, only_ema)
 
 
-def test_dry_run_touches_nothing_and_writes_the_report(ckpt100: tuple[Path, dict], tmp_path: Path) -> None:
+def test_dry_run_touches_nothing_and_writes_the_report(
+    ckpt100: tuple[Path, dict], tmp_path: Path
+) -> None:
     path, _ = ckpt100
     model = make_net(10, seed=2)
     before = snapshot(model)
@@ -253,7 +280,10 @@ def test_dry_run_touches_nothing_and_writes_the_report(ckpt100: tuple[Path, dict
 
 
 def test_casts_are_reported(tmp_path: Path) -> None:
-    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in make_net(10, seed=1).state_dict().items()}
+    sd = {
+        k: (v.half() if v.is_floating_point() else v)
+        for k, v in make_net(10, seed=1).state_dict().items()
+    }
     model = make_net(10, seed=2)
     report = smartload.load(model, sd)
     entry = next(e for e in report.entries if e.key == "fc.weight")
@@ -289,7 +319,10 @@ def test_tied_weights_are_reported_as_loaded_through_their_twin() -> None:
     model = Tied()
     report = smartload.load(model, {"embed.weight": source.embed.weight.detach()})
     entry = next(e for e in report.entries if e.key == "out.weight")
-    assert (entry.action, entry.reason) == ("skip", "missing; tied to embed.weight, loaded through it")
+    assert (entry.action, entry.reason) == (
+        "skip",
+        "missing; tied to embed.weight, loaded through it",
+    )
     assert torch.equal(model.out.weight, source.embed.weight)
 
 
@@ -316,7 +349,9 @@ def test_custom_load_from_state_dict_is_respected() -> None:
     assert torch.equal(model[0].weight.detach(), torch.full((2, 2), 2.0))
 
 
-def test_one_line_summary_is_logged(ckpt100: tuple[Path, dict], caplog: pytest.LogCaptureFixture) -> None:
+def test_one_line_summary_is_logged(
+    ckpt100: tuple[Path, dict], caplog: pytest.LogCaptureFixture
+) -> None:
     path, _ = ckpt100
     with caplog.at_level(logging.INFO, logger="smartload"):
         smartload.load(make_net(10), path, num_classes=10)
