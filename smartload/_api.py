@@ -72,6 +72,7 @@ def load(
     target_classes: Sequence[str] | None = None,
     adapter: Adapter | None = None,
     on_nonfinite: str = "error",
+    verify_checksums: bool = False,
     allow_globals: Sequence[str] = (),
 ) -> LoadReport:
     """Load ``checkpoint`` into ``model``, key by key, and report what was done.
@@ -85,6 +86,8 @@ def load(
     - ``ema``: load the EMA weights (``state_dict_ema``, ``model_ema`` ...) instead of the raw ones.
     - ``rename``: ``{regex: replacement}`` applied to checkpoint keys first.
     - ``on_nonfinite``: ``"error"`` (default) refuses NaN/Inf in floating tensors; ``"allow"``.
+    - ``verify_checksums``: also check the zip CRC of every tensor read (the pickle's CRC is
+      always checked; this costs a second pass over the data, about 0.4 s per GB).
     - ``allow_globals``: hostile-listed globals you accept outside the state dict (kept inert).
 
     All or nothing: on any error the model is unchanged. With ``dry_run`` nothing is read beyond
@@ -107,7 +110,7 @@ def load(
     if not dry_run:
         from ._apply import apply_plan
 
-        apply_plan(model, plan, on_nonfinite=on_nonfinite)
+        apply_plan(model, plan, on_nonfinite=on_nonfinite, verify_checksums=verify_checksums)
     report = LoadReport(**{f: getattr(plan, f) for f in _OUTCOME_FIELDS}, dry_run=dry_run)
     if report_path is not None:
         report.save(report_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import json
 import pickle
@@ -206,7 +207,7 @@ def test_inspect_reads_no_tensor_data(tmp_path: Path) -> None:
     model = make_net(10, seed=2)
     before = snapshot(model)
     with pytest.raises(smartload.CheckpointFormatError, match="CRC mismatch in storage"):
-        smartload.load(model, path)
+        smartload.load(model, path, verify_checksums=True)
     assert_unchanged(model, before)
 
 
@@ -240,3 +241,37 @@ def test_shared_and_strided_tensors(tmp_path: Path) -> None:
     smartload.load(holder, path)
     for key, value in sd.items():
         assert torch.equal(getattr(holder, key), value), key
+
+
+class HParams(dict):  # type: ignore[type-arg]
+    """Stands for Lightning's AttributeDict."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    lr: float
+    layers: tuple[int, ...]
+
+
+def test_lightning_checkpoint_hyper_parameters_stay_inert(tmp_path: Path) -> None:
+    """Lightning's layout: `model.`-prefixed state_dict, hyper_parameters of user classes."""
+    sd = _state()
+    path = tmp_path / "epoch=3-step=100.ckpt"
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 100,
+            "pytorch-lightning_version": "2.4.0",
+            "state_dict": {f"model.{k}": v for k, v in sd.items()},
+            "hyper_parameters": HParams(cfg=TrainConfig(0.1, (1, 2)), name="run"),
+            "optimizer_states": [{"state": {}, "param_groups": []}],
+            "lr_schedulers": [],
+        },
+        path,
+    )
+    model = make_net(10, seed=2)
+    report = smartload.load(model, path)
+    _assert_loaded(model, sd)
+    assert report.inert_globals == ("test_formats.HParams", "test_formats.TrainConfig")
+    assert report.extras["hyper_parameters"] == "test_formats.HParams [inert, not executed]"
+    assert report.extras["optimizer_states"] == "list of 1"
