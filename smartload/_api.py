@@ -111,14 +111,9 @@ def load(
         from ._apply import apply_plan
 
         apply_plan(model, plan, on_nonfinite=on_nonfinite, verify_checksums=verify_checksums)
-    report = LoadReport(**{f: getattr(plan, f) for f in _OUTCOME_FIELDS}, dry_run=dry_run)
+    report = LoadReport.from_plan(plan, dry_run=dry_run)
     if report_path is not None:
         report.save(report_path)
     logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
     return report
 
-
-_OUTCOME_FIELDS = (
-    "checkpoint", "format", "state_dict_path", "entries", "unused", "heads", "ema",
-    "other_state_dicts", "extras", "inert_globals", "adapter", "notes",
-)  # fmt: skip

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
 
 import torch
 
 from ._report import LoadPlan, PlanEntry
 from ._tensors import Materializer
+from ._unpickler import DTYPE_ITEMSIZE
 from .errors import CheckpointFormatError, InvalidArgumentError
 
 __all__ = ["apply_plan"]
 
 NONFINITE_CHOICES = ("error", "allow")
+_LOG_ABOVE = 256 * 1024**2
+logger = logging.getLogger("smartload")
 
 
 def apply_plan(
@@ -35,6 +40,7 @@ def apply_plan(
     targets = {
         k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)
     }
+    _log_size(plan)
     materializer = Materializer(plan.sources, verify_crc=verify_checksums)
     values: dict[str, torch.Tensor] = {}
     nonfinite: list[str] = []
@@ -67,6 +73,21 @@ def apply_plan(
             "on_nonfinite='allow' to load them anyway, or policies={key: 'reinit-normal'}",
         )
     _commit(model, targets, values)
+
+
+def _log_size(plan: LoadPlan) -> None:
+    """Say what is about to be read when it takes noticeable time (more than ~0.1 s)."""
+    reads = [e for e in plan.entries if e.action in ("copy", "slice")]
+    nbytes = sum(
+        math.prod(e.ckpt_shape or ()) * DTYPE_ITEMSIZE.get(e.ckpt_dtype or "", 4) for e in reads
+    )
+    if nbytes >= _LOG_ABOVE:
+        logger.info(
+            "reading and checking %d tensors (%.2f GB) from %s",
+            len(reads),
+            nbytes / 1024**3,
+            plan.checkpoint,
+        )
 
 
 def _nonfinite(t: torch.Tensor) -> str:

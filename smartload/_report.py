@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = ["ACTIONS", "HeadChange", "LoadPlan", "LoadReport", "PlanEntry", "group_keys"]
@@ -191,6 +191,11 @@ class LoadReport(_Outcome):
     """What :func:`smartload.load` did (or, with ``dry_run``, would do)."""
 
     dry_run: bool = False
+
+    @classmethod
+    def from_plan(cls, plan: LoadPlan, *, dry_run: bool) -> LoadReport:
+        shared = {f.name: getattr(plan, f.name) for f in fields(_Outcome)}
+        return cls(**shared, dry_run=dry_run)
 
     def _title(self) -> str:
         return "dry run of" if self.dry_run else "loaded"
