@@ -116,4 +116,3 @@ def load(
         report.save(report_path)
     logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
     return report
-

@@ -63,6 +63,13 @@ def apply_plan(
             if on_nonfinite == "error" and (problem := _nonfinite(source)):
                 nonfinite.append(f"{entry.source} ({problem})")
                 continue
+            if entry.transform is not None:
+                source = plan.transforms[entry.key](source)
+                if tuple(source.shape) != entry.model_shape:
+                    raise InvalidArgumentError(
+                        f"{entry.transform} gave shape {list(source.shape)} for {entry.key!r}, "
+                        f"not {list(entry.model_shape)}; this is a bug in the {plan.adapter} adapter"
+                    )
         values[entry.key] = _value(entry, source, target)
     if nonfinite:
         raise CheckpointFormatError(

@@ -37,13 +37,14 @@ class HeadRule:
     background: str = "none"  # "none" | "first" | "last"
     std: float = 0.01  # weight init for new rows
     bias: float = 0.0  # bias init for new rows
+    offset: int = 0  # leading checkpoint rows of no class (timm's label_offset), dropped
 
     def matches(self, key: str) -> bool:
         return any(fnmatch.fnmatchcase(key, pattern) for pattern in self.keys)
 
-    def num_classes(self, rows: int) -> int | None:
+    def num_classes(self, rows: int, *, checkpoint: bool = False) -> int | None:
         """The class count a head with ``rows`` rows along ``dim`` has, or None if none fits."""
-        extra = 0 if self.background == "none" else 1
+        extra = (0 if self.background == "none" else 1) + (self.offset if checkpoint else 0)
         per_class = self.block * self.groups
         k, rem = divmod(rows - extra, per_class)
         return k if rem == 0 and k >= 0 else None
@@ -54,14 +55,15 @@ def source_rows(
 ) -> list[int | None]:
     """For each row of the new head, the checkpoint row it takes (None: initialise it)."""
     first = 1 if rule.background == "first" else 0
-    rows: list[int | None] = [0] if first else []
+    shift = first + rule.offset  # checkpoint rows before class 0
+    rows: list[int | None] = [rule.offset] if first else []
     for g in range(rule.groups):
         for k in range(new_k):
             old = class_map[k]
             for j in range(rule.block):
-                rows.append(None if old is None else first + (g * old_k + old) * rule.block + j)
+                rows.append(None if old is None else shift + (g * old_k + old) * rule.block + j)
     if rule.background == "last":
-        rows.append(rule.groups * old_k * rule.block)
+        rows.append(rule.offset + rule.groups * old_k * rule.block)
     return rows
 
 

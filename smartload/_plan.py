@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -111,6 +111,19 @@ def _compile_policies(policies: Mapping[str, str] | None) -> list[tuple[str, str
     return out
 
 
+@dataclass
+class _Context:
+    """What every key's decision needs besides the key itself."""
+
+    model: torch.nn.Module
+    adapter: Adapter
+    class_map: Any
+    source_classes: Sequence[str] | None
+    unmatched: tuple[str, ...]
+    heads: dict[str, HeadChange] = field(default_factory=dict)
+    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+
 def make_plan(
     model: torch.nn.Module,
     checkpoint: Any,
@@ -135,7 +148,6 @@ def make_plan(
     chosen = select_adapter(model, adapter)
     # A framework adapter knows its heads; the generic guess (the last Linear) needs num_classes.
     rules = chosen.head_rules(model) if num_classes is not None or chosen.knows_heads else []
-    notes: list[str] = []
     if num_classes is not None:
         _check_num_classes(model, chosen, num_classes)
     unmatched: tuple[str, ...] = ()
@@ -143,6 +155,7 @@ def make_plan(
         class_map = class_map_by_names(source_classes, target_classes)
         unmatched = tuple(n for n, c in zip(target_classes, class_map, strict=True) if c is None)
     compiled = _compile_policies(policies)
+    ctx = _Context(model, chosen, class_map, source_classes, unmatched)
 
     feeds: dict[str, str] = {}  # model key → checkpoint key
     unused: list[str] = []
@@ -154,7 +167,6 @@ def make_plan(
 
     entries: list[PlanEntry] = []
     mismatches: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = []
-    heads: dict[str, HeadChange] = {}
     for key, param in model_sd.items():
         source = feeds.get(key)
         leaf = ckpt.tensors[source] if source is not None else None
@@ -170,31 +182,28 @@ def make_plan(
             and model_shape[0] == num_classes
         ):
             rule = HeadRule(name=key.rpartition(".")[0], keys=(key,))
-        entry = _decide(
-            key, param, source, leaf, policy, rule, class_map, source_classes, heads, unmatched
-        )
+        entry = _decide(ctx, key, param, source, leaf, policy, rule)
         if entry is None:
             mismatches.append((key, ckpt_shape, model_shape))
         else:
             entries.append(entry)
-    _note_tied(model_sd, entries, notes)
     if mismatches:
         raise IncompatibleCheckpointError(mismatches, _mismatch_hint(num_classes), ckpt.path)
     return LoadPlan(
         checkpoint=ckpt.path,
         format=ckpt.format,
         state_dict_path=ckpt.state_dict_path,
-        entries=tuple(entries),
+        entries=tuple(_note_tied(model_sd, entries)),
         unused=tuple(sorted(unused)),
-        heads=tuple(heads.values()),
+        heads=tuple(ctx.heads.values()),
         ema=ckpt.ema,
         other_state_dicts=ckpt.others,
         extras=dict(ckpt.extras),
         inert_globals=ckpt.inert,
         adapter=chosen.name,
-        notes=tuple(notes),
         tensors=ckpt.tensors,
         sources=ckpt.sources,
+        transforms=ctx.transforms,
     )
 
 
@@ -226,16 +235,13 @@ def _mismatch_hint(num_classes: int | None) -> str:
 
 
 def _decide(
+    ctx: _Context,
     key: str,
     param: torch.Tensor,
     source: str | None,
     leaf: Any,
     policy: tuple[str, str] | None,
     rule: HeadRule | None,
-    class_map: Any,
-    source_classes: Sequence[str] | None,
-    heads: dict[str, HeadChange],
-    unmatched: tuple[str, ...],
 ) -> PlanEntry | None:
     """The entry for one model key, or None when no policy can place it (a mismatch)."""
     model_shape = tuple(param.shape)
@@ -266,42 +272,52 @@ def _decide(
         return PlanEntry(action="reinit-normal", reason=by_policy, **base)
     if leaf is None:  # copy/slice asked for a key the checkpoint lacks
         return None
+    assert ckpt_shape is not None
     same = ckpt_shape == model_shape
-    head_change = rule is not None and (not same or class_map is not None)
+    head_change = rule is not None and (not same or ctx.class_map is not None)
     if action == "copy" or (action is None and not head_change):
-        if not same:
+        if same:
+            return PlanEntry(action="copy", reason=by_policy or "same shape", reused=numel, **base)
+        conversion = ctx.adapter.convert(ctx.model, key, ckpt_shape, model_shape)
+        if conversion is None:
             return None
-        reason = by_policy or "same shape"
-        return PlanEntry(action="copy", reason=reason, reused=numel, **base)
+        ctx.transforms[key] = conversion.fn
+        return PlanEntry(
+            action="copy",
+            reason=conversion.reason,
+            reused=numel,
+            transform=conversion.reason,
+            **base,
+        )
     # slice or reinit of a head (or an explicit slice policy)
     if rule is None:
         if not (ckpt_shape and _differs_in_dim0_only(ckpt_shape, model_shape)) and not same:
             return None
         rule = HeadRule(name=key.rpartition(".")[0], keys=(key,))
         base["head"] = rule.name
-    assert ckpt_shape is not None
     dim = rule.dim
     if len(ckpt_shape) != len(model_shape) or any(
         a != b for i, (a, b) in enumerate(zip(ckpt_shape, model_shape, strict=True)) if i != dim
     ):
         return None
-    old_k = rule.num_classes(ckpt_shape[dim])
+    old_k = rule.num_classes(ckpt_shape[dim], checkpoint=True)
     new_k = rule.num_classes(model_shape[dim])
     if old_k is None or new_k is None:
         return None
     description = f"head {rule.name}: {old_k} → {new_k} classes"
-    if action is None and class_map is None:
-        _record_head(heads, rule, key, old_k, new_k, None, unmatched)
+    # Same classes in another layout (a background row to drop): keep them all, by position.
+    if action is None and ctx.class_map is None and old_k != new_k:
+        _record_head(ctx, rule, key, old_k, new_k, None)
         return PlanEntry(
             action="reinit-normal", reason=f"{description}, no class map", dim=dim, **base
         )
     mapping = resolve_class_map(
-        class_map, new_k, old_k, source_classes=source_classes, head=rule.name
+        ctx.class_map, new_k, old_k, source_classes=ctx.source_classes, head=rule.name
     )
     rows = source_rows(rule, old_k, new_k, mapping)
     kept = sum(r is not None for r in rows)
-    _record_head(heads, rule, key, old_k, new_k, tuple(mapping), unmatched)
-    how = by_policy or ("by class map" if class_map is not None else "by position")
+    _record_head(ctx, rule, key, old_k, new_k, tuple(mapping))
+    how = by_policy or ("by class map" if ctx.class_map is not None else "by position")
     return PlanEntry(
         action="slice",
         reason=f"{description}, {kept} of {len(rows)} rows kept {how}",
@@ -313,22 +329,19 @@ def _decide(
 
 
 def _record_head(
-    heads: dict[str, HeadChange],
+    ctx: _Context,
     rule: HeadRule,
     key: str,
     old_k: int,
     new_k: int,
     mapping: tuple[int | None, ...] | None,
-    unmatched: tuple[str, ...],
 ) -> None:
-    known = heads.get(rule.name)
+    known = ctx.heads.get(rule.name)
     keys = (*known.keys, key) if known else (key,)
-    heads[rule.name] = HeadChange(rule.name, keys, old_k, new_k, mapping, unmatched)
+    ctx.heads[rule.name] = HeadChange(rule.name, keys, old_k, new_k, mapping, ctx.unmatched)
 
 
-def _note_tied(
-    model_sd: Mapping[str, torch.Tensor], entries: list[PlanEntry], notes: list[str]
-) -> None:
+def _note_tied(model_sd: Mapping[str, torch.Tensor], entries: list[PlanEntry]) -> list[PlanEntry]:
     """A key missing from the checkpoint but sharing storage with a loaded one is loaded through it."""
     loaded: dict[tuple[int, int, tuple[int, ...]], str] = {}
     for e in entries:
@@ -339,6 +352,7 @@ def _note_tied(
             twin = loaded.get(_storage_id(model_sd[e.key]))
             if twin is not None:
                 entries[i] = _replace(e, reason=f"missing; tied to {twin}, loaded through it")
+    return entries
 
 
 def _storage_id(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:

@@ -30,6 +30,7 @@ class PlanEntry:
     cast: str | None = None  # None (same dtype), "exact" or "lossy"
     reused: int = 0  # elements whose values come from the checkpoint
     head: str | None = None
+    transform: str | None = None  # an adapter's conversion of the checkpoint tensor, described
     # slice / reinit details, for apply (not part of the JSON schema)
     rows: tuple[int | None, ...] | None = field(default=None, repr=False)
     dim: int = 0
@@ -52,6 +53,8 @@ class PlanEntry:
             out["cast"] = self.cast
         if self.head:
             out["head"] = self.head
+        if self.transform:
+            out["transform"] = self.transform
         if self.rows is not None:
             out["rows_from_checkpoint"] = sum(r is not None for r in self.rows)
         return out
@@ -178,6 +181,7 @@ class LoadPlan(_Outcome):
 
     tensors: Mapping[str, Any] = field(default_factory=dict, compare=False)  # source key → leaf
     sources: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    transforms: Mapping[str, Any] = field(default_factory=dict, compare=False)  # key → callable
 
     def _title(self) -> str:
         return "plan for"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .._heads import HeadRule
@@ -16,7 +17,15 @@ from .._heads import HeadRule
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Adapter", "GenericAdapter", "HeadRule", "select_adapter"]
+__all__ = ["Adapter", "Conversion", "GenericAdapter", "HeadRule", "select_adapter"]
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """How an adapter turns a checkpoint tensor into the model's shape (not a head change)."""
+
+    reason: str  # for the report: "input conv 3 → 1 channels (timm adapt_input_conv)"
+    fn: Callable[[torch.Tensor], torch.Tensor]
 
 
 class Adapter:
@@ -31,6 +40,16 @@ class Adapter:
 
     def num_classes(self, model: torch.nn.Module) -> int | None:
         """The model's class count as its heads say, or None when unknown."""
+        return None
+
+    def convert(
+        self,
+        model: torch.nn.Module,
+        key: str,
+        ckpt_shape: tuple[int, ...],
+        model_shape: tuple[int, ...],
+    ) -> Conversion | None:
+        """A conversion for a non-head key whose shapes differ, or None (then it is an error)."""
         return None
 
 
@@ -60,8 +79,16 @@ class GenericAdapter(Adapter):
         return None if found is None else found[1].out_features
 
 
-# (test on the model, module, class): framework adapters register here; checked in order.
-_REGISTRY: list[tuple[Callable[[torch.nn.Module], bool], str, str]] = []
+def _is_timm(model: torch.nn.Module) -> bool:
+    cfg = getattr(model, "pretrained_cfg", None)
+    return isinstance(cfg, dict) and "classifier" in cfg
+
+
+# (test on the model, module, class): framework adapters register here; checked in order. The
+# tests must not import the framework: the adapter module does, when it is chosen.
+_REGISTRY: list[tuple[Callable[[torch.nn.Module], bool], str, str]] = [
+    (_is_timm, "smartload.adapters.timm", "TimmAdapter"),
+]
 
 
 def select_adapter(model: torch.nn.Module, adapter: Adapter | None = None) -> Adapter:
