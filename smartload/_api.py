@@ -29,7 +29,7 @@ def diff(
     ema: bool = False,
     rename: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     state_dict_path: Sequence[str] | None = None,
-    source_classes: Sequence[str] | None = None,
+    source_classes: Sequence[str] | str | None = None,
     target_classes: Sequence[str] | None = None,
     adapter: Adapter | None = None,
     allow_globals: Sequence[str] = (),
@@ -68,7 +68,7 @@ def load(
     ema: bool = False,
     rename: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     state_dict_path: Sequence[str] | None = None,
-    source_classes: Sequence[str] | None = None,
+    source_classes: Sequence[str] | str | None = None,
     target_classes: Sequence[str] | None = None,
     adapter: Adapter | None = None,
     on_nonfinite: str = "error",
@@ -81,7 +81,8 @@ def load(
       checkpoint's are sliced (with ``class_map``) or re-initialised.
     - ``class_map``: for each new class, the checkpoint class (index, or name with
       ``source_classes``) whose rows it takes, or None. ``source_classes`` + ``target_classes``
-      derive one by name.
+      derive one by name; ``source_classes`` may name a label set the adapter knows
+      (``"imagenet-1k"`` for timm models).
     - ``policies``: ``{glob over model keys: "copy" | "slice" | "reinit-normal" | "skip"}``.
     - ``ema``: load the EMA weights (``state_dict_ema``, ``model_ema`` ...) instead of the raw ones.
     - ``rename``: ``{regex: replacement}`` applied to checkpoint keys first.

@@ -134,7 +134,7 @@ def make_plan(
     ema: bool = False,
     rename: Any = None,
     state_dict_path: Sequence[str] | None = None,
-    source_classes: Sequence[str] | None = None,
+    source_classes: Sequence[str] | str | None = None,
     target_classes: Sequence[str] | None = None,
     adapter: Adapter | None = None,
     allow_globals: Sequence[str] = (),
@@ -150,6 +150,8 @@ def make_plan(
     rules = chosen.head_rules(model) if num_classes is not None or chosen.knows_heads else []
     if num_classes is not None:
         _check_num_classes(model, chosen, num_classes)
+    if isinstance(source_classes, str):
+        source_classes = _label_set(chosen, source_classes)
     unmatched: tuple[str, ...] = ()
     if class_map is None and source_classes is not None and target_classes is not None:
         class_map = class_map_by_names(source_classes, target_classes)
@@ -205,6 +207,16 @@ def make_plan(
         sources=ckpt.sources,
         transforms=ctx.transforms,
     )
+
+
+def _label_set(adapter: Adapter, label_set: str) -> list[str]:
+    names = adapter.class_names(label_set)
+    if names is None:
+        raise InvalidArgumentError(
+            f"source_classes={label_set!r} is not a label set the {adapter.name} adapter knows; "
+            "pass the checkpoint's class names as a list"
+        )
+    return names
 
 
 def _differs_in_dim0_only(a: tuple[int, ...], b: tuple[int, ...]) -> bool:

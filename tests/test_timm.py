@@ -173,3 +173,26 @@ def test_safetensors_checkpoint(tmp_path: Path, checkpoints: dict) -> None:
     model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=7)
     smartload.load(model, path, num_classes=7)
     assert torch.equal(model.conv_stem.weight.detach(), sd["conv_stem.weight"])
+
+
+def test_class_map_by_imagenet_names(checkpoints: dict) -> None:
+    """source_classes="imagenet-1k" (timm's label set) + target names → rows by name."""
+    path, sd = checkpoints["resnet18"]
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    report = smartload.load(
+        model,
+        path,
+        num_classes=3,
+        source_classes="imagenet-1k",
+        target_classes=["goldfish", "Great White Shark", "unicorn"],
+    )
+    assert report.heads[0].class_map == (1, 2, None)
+    assert report.heads[0].unmatched == ("unicorn",)
+    assert torch.equal(model.fc.weight.detach()[1], sd["fc.weight"][2])
+    with pytest.raises(
+        smartload.InvalidArgumentError,
+        match="source_classes='coco' is not a label set the timm adapter knows",
+    ):
+        smartload.diff(
+            model, path, num_classes=3, source_classes="coco", target_classes=["a", "b", "c"]
+        )

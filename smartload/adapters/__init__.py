@@ -42,6 +42,10 @@ class Adapter:
         """The model's class count as its heads say, or None when unknown."""
         return None
 
+    def class_names(self, label_set: str) -> list[str] | None:
+        """The class names of a label set the framework knows (``"imagenet-1k"``), or None."""
+        return None
+
     def convert(
         self,
         model: torch.nn.Module,

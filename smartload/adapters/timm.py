@@ -63,6 +63,17 @@ class TimmAdapter(Adapter):
         heads = self._heads(model)
         return int(heads[0][1].shape[0]) if heads else None
 
+    def class_names(self, label_set: str) -> list[str] | None:
+        """ImageNet label sets, by timm's ``ImageNetInfo``: the first name of each class."""
+        from timm.data.imagenet_info import ImageNetInfo
+
+        subset = "imagenet-1k" if label_set == "imagenet" else label_set
+        try:
+            info = ImageNetInfo(subset)
+        except (AssertionError, ValueError, KeyError, FileNotFoundError):
+            return None
+        return [d.split(",")[0].strip() for d in info.label_descriptions()]
+
     def convert(
         self,
         model: torch.nn.Module,
