@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import mmap
 import os
 import stat
@@ -19,7 +20,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ._unpickler import DTYPE_ITEMSIZE, StorageRef, TensorRecord, unpickle
+from ._unpickler import (
+    DTYPE_ITEMSIZE,
+    MAX_NDIM,
+    MAX_NUMEL,
+    StorageRef,
+    TensorRecord,
+    brief,
+    unpickle,
+)
 from .errors import CheckpointFormatError
 
 __all__ = ["RawCheckpoint", "Source", "read"]
@@ -63,18 +72,9 @@ def read(
     """Read a checkpoint file or directory's structure. See the module docstring."""
     path = os.fspath(path)
     allow = frozenset(allow_globals)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointFormatError(path, "no such file or directory") from None
-    except OSError as exc:
-        raise CheckpointFormatError(path, f"cannot stat: {exc.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
+    if os.path.isdir(path):
         return _read_directory(path, symbolic, allow)
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointFormatError(
-            path, "not a regular file (a device, FIFO or socket)", "Pass the checkpoint file itself"
-        )
+    st = _regular_file(path)
     if st.st_size == 0:
         raise CheckpointFormatError(path, "empty file (0 bytes)", "The download or save failed")
     with open(path, "rb") as f:
@@ -87,6 +87,21 @@ def read(
     if kind == "index":
         return _read_index(path, symbolic, allow)
     return _read_pickle(path, symbolic, allow)
+
+
+def _regular_file(path: str) -> os.stat_result:
+    """stat ``path``, refusing what is not a regular file (a FIFO would block a read for ever)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointFormatError(path, "no such file or directory") from None
+    except OSError as exc:
+        raise CheckpointFormatError(path, f"cannot stat: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointFormatError(
+            path, "not a regular file (a device, FIFO or socket)", "Pass the checkpoint file itself"
+        )
+    return st
 
 
 def _sniff(path: str, head: bytes, size: int) -> str:
@@ -128,9 +143,9 @@ def _sniff(path: str, head: bytes, size: int) -> str:
 def _read_torch_zip(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # zipfile reports bad archives with many types
         raise CheckpointFormatError(
-            path, f"corrupt zip archive ({exc})", "Download it again"
+            path, f"corrupt zip archive ({type(exc).__name__}: {exc})", "Download it again"
         ) from None
     with archive, open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -213,7 +228,11 @@ def _check_zip_directory(
             raise CheckpointFormatError(
                 path, f"zip member {info.filename!r} is encrypted (flags {info.flag_bits:#x})"
             )
-        if info.file_size != info.compress_size or info.header_offset + info.file_size > size:
+        if (
+            info.file_size != info.compress_size
+            or info.header_offset < 0
+            or info.header_offset + info.file_size > size
+        ):
             raise CheckpointFormatError(
                 path,
                 f"zip member {info.filename!r} declares {info.file_size} bytes, more than the file",
@@ -257,19 +276,23 @@ def _member_bytes(
 
 
 def _storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
-    from ._unpickler import _Marker, _Refused
+    from ._unpickler import _Marker, _Refused, brief
 
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
-        raise _Refused(f"an unknown persistent id {str(pid)[:80]!r}")
+        raise _Refused(f"an unknown persistent id ({brief(pid)})")
     _, storage_type, key, location, numel = pid[:5]
     if len(pid) == 6 and pid[5] is not None:
         raise _Refused("a legacy storage view (not supported)")
-    if not isinstance(storage_type, _Marker) or storage_type.value not in DTYPE_ITEMSIZE:
-        raise _Refused(f"a persistent id with storage type {storage_type!r:.60}")
+    if not (
+        isinstance(storage_type, _Marker)
+        and storage_type.qualname.endswith("Storage")
+        and storage_type.value in DTYPE_ITEMSIZE
+    ):
+        raise _Refused(f"a persistent id with storage type {brief(storage_type)}")
     if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
         raise _Refused("a malformed storage persistent id")
-    if numel < 0 or "/" in key or key.startswith("."):
-        raise _Refused(f"a storage {key!r:.40} of {numel} elements")
+    if not 0 <= numel < 2**48 or "/" in key or key.startswith(".") or len(key) > 64:
+        raise _Refused(f"a storage {brief(key)} of {brief(numel)} elements")
     ref = storages.get(key)
     if ref is None:
         ref = storages[key] = StorageRef(key, storage_type.value, numel, location)
@@ -312,7 +335,12 @@ def _read_legacy(
     storages: dict[str, StorageRef] = {}
     tree = load(persistent_load=lambda pid: _storage_ref(pid, storages), encoding="latin1")
     keys = load()
-    if not isinstance(keys, list) or set(keys) != set(storages) or len(keys) != len(storages):
+    if (
+        not isinstance(keys, list)
+        or not all(isinstance(k, str) for k in keys)
+        or set(keys) != set(storages)
+        or len(keys) != len(storages)
+    ):
         raise CheckpointFormatError(path, "legacy storage list does not match the pickle")
     sources: dict[str, Source] = {}
     pos = f.tell()
@@ -364,12 +392,12 @@ def _read_safetensors(path: str, key_prefix: str = "") -> RawCheckpoint:
             )
         text = f.read(n)
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError) as exc:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise CheckpointFormatError(path, f"safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointFormatError(path, "safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -419,19 +447,27 @@ def _read_safetensors(path: str, key_prefix: str = "") -> RawCheckpoint:
 def _safetensors_entry(path: str, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
     if not isinstance(entry, dict):
         raise CheckpointFormatError(path, f"tensor {name!r}: header entry is not an object")
-    dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    code = entry.get("dtype")
+    dtype = _SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
-        raise CheckpointFormatError(path, f"tensor {name!r}: unknown dtype {entry.get('dtype')!r}")
+        raise CheckpointFormatError(path, f"tensor {name!r}: unknown dtype {brief(code)}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(s) is int and 0 <= s < 2**48 for s in shape)):
-        raise CheckpointFormatError(path, f"tensor {name!r}: invalid shape {shape!r:.80}")
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= MAX_NDIM
+        and all(type(s) is int and 0 <= s <= MAX_NUMEL for s in shape)
+        and math.prod(shape) <= MAX_NUMEL
+    ):
+        raise CheckpointFormatError(path, f"tensor {name!r}: invalid shape ({brief(shape)})")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(type(o) is int and 0 <= o < 2**62 for o in offsets)
         and offsets[0] <= offsets[1]
     ):
-        raise CheckpointFormatError(path, f"tensor {name!r}: invalid data_offsets {offsets!r:.80}")
+        raise CheckpointFormatError(
+            path, f"tensor {name!r}: invalid data_offsets ({brief(offsets)})"
+        )
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 
@@ -486,7 +522,7 @@ def _read_index(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoi
     try:
         with open(path, "rb") as f:
             index = json.loads(f.read(_SAFETENSORS_MAX_HEADER + 1))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointFormatError(path, f"not a valid JSON shard index ({exc})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -509,6 +545,9 @@ def _read_index(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoi
                 f"shard {shard!r} lies outside the index's directory",
                 "The index was tampered with; shard names must be plain file names",
             )
+        if not shard.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            raise CheckpointFormatError(path, f"shard {brief(shard)} is not a weights file")
+        _regular_file(shard_path)
         part = (
             _read_safetensors(shard_path, key_prefix=f"{shard}:")
             if shard.endswith(".safetensors")

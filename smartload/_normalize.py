@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._unpickler import ArrayRecord, StandIn, TensorRecord
+from ._unpickler import ArrayRecord, StandIn, TensorRecord, brief
 from .errors import CheckpointFormatError, InvalidArgumentError
 
 __all__ = [
@@ -69,10 +69,12 @@ class StateDictChoice:
 def find_state_dicts(tree: Any) -> list[tuple[tuple[str, ...], Mapping[str, Any]]]:
     """Every mapping of str → tensor in the tree (outside optimizer state), with its path."""
     found: list[tuple[tuple[str, ...], Mapping[str, Any]]] = []
+    seen: set[int] = set()  # a pickle can share one dict many times (or contain itself)
 
     def walk(node: Any, path: tuple[str, ...]) -> None:
-        if not isinstance(node, Mapping) or not node:
+        if not isinstance(node, Mapping) or not node or id(node) in seen:
             return
+        seen.add(id(node))
         if all(isinstance(k, str) for k in node) and all(is_leaf(v) for v in node.values()):
             found.append((path, node))
             return
@@ -128,7 +130,7 @@ def choose_state_dict(
 
 def _describe_top(tree: Any) -> str:
     if isinstance(tree, Mapping):
-        keys = [str(k) for k in list(tree)[:8]]
+        keys = [brief(k) for k in list(tree)[:8]]
         return "keys " + ", ".join(keys) + (" ..." if len(tree) > 8 else "")
     if isinstance(tree, StandIn):
         return f"a pickled {tree.qualname} object"
@@ -146,16 +148,19 @@ def describe_extras(tree: Any, skip: Iterable[tuple[str, ...]]) -> dict[str, str
     if not isinstance(tree, Mapping):
         return out
     for key, value in tree.items():
-        if (str(key),) in skipped or is_leaf(value):
+        name = key if isinstance(key, str) else brief(key)
+        if (name,) in skipped or is_leaf(value):
             continue
-        out[str(key)] = _describe_value(value)
+        out[name] = _describe_value(value)
     return out
 
 
 def _describe_value(value: Any) -> str:
     if isinstance(value, StandIn):
         return f"{value.qualname} [inert, not executed]"
-    if isinstance(value, bool | int | float) or value is None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return brief(value)
+    if isinstance(value, bool | float) or value is None:
         return repr(value)
     if isinstance(value, str):
         return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
@@ -170,16 +175,18 @@ def _describe_value(value: Any) -> str:
     return type(value).__name__
 
 
-def _count_leaves(node: Any, depth: int = 0) -> int:
-    if is_leaf(node):
-        return 1
-    if depth > 6:
-        return 0
-    if isinstance(node, Mapping):
-        return sum(_count_leaves(v, depth + 1) for v in node.values())
-    if isinstance(node, list | tuple):
-        return sum(_count_leaves(v, depth + 1) for v in node)
-    return 0
+def _count_leaves(node: Any) -> int:
+    """Tensors reachable from ``node``, each container visited once (pickles share and loop)."""
+    count, todo = 0, [node]
+    seen: set[int] = set()
+    while todo and len(seen) < 1_000_000:
+        item = todo.pop()
+        if is_leaf(item):
+            count += 1
+        elif id(item) not in seen and isinstance(item, Mapping | list | tuple):
+            seen.add(id(item))
+            todo.extend(item.values() if isinstance(item, Mapping) else item)
+    return count
 
 
 def compile_renames(rename: Any) -> list[tuple[re.Pattern[str], str]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import pickle
+import pickletools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -128,8 +129,34 @@ def hostile_reason(qualname: str) -> str | None:
 # records
 
 
+class _Refused(Exception):
+    """Raised inside the pickle machine; turned into a smartload error by :func:`unpickle`."""
+
+    def __init__(self, message: str, hostile: str | None = None) -> None:
+        super().__init__(message)
+        self.hostile = hostile
+
+
+class _Sealed:
+    """BUILD would write straight into a record's ``__dict__`` (past ``frozen=True``): refuse it."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Refused(f"BUILD applied to a {type(self).__name__}")
+
+
+def brief(value: Any) -> str:
+    """A bounded description of a value from the file (its repr may be huge or deep)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if abs(value) < 10**18 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if isinstance(value, tuple | list | dict | set | frozenset):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {getattr(value, 'qualname', type(value).__name__)}"
+
+
 @dataclass(frozen=True)
-class StorageRef:
+class StorageRef(_Sealed):
     """A storage in the file: where its bytes are is up to the format reader (``key``)."""
 
     key: str
@@ -143,7 +170,7 @@ class StorageRef:
 
 
 @dataclass(frozen=True)
-class TensorRecord:
+class TensorRecord(_Sealed):
     """A tensor in a torch pickle: a view into a storage. No data is read to make one."""
 
     storage: StorageRef
@@ -175,7 +202,7 @@ class TensorRecord:
 
 
 @dataclass(frozen=True)
-class ArrayRecord:
+class ArrayRecord(_Sealed):
     """A numpy array pickled inline (detectron2 ``.pkl``). ``data`` is None in symbolic mode."""
 
     dtype: str  # torch-style name
@@ -209,14 +236,6 @@ class StandIn:
 
 # --------------------------------------------------------------------------------------------------
 # what find_class hands to the pickle machine
-
-
-class _Refused(Exception):
-    """Raised inside the pickle machine; turned into a smartload error by :func:`unpickle`."""
-
-    def __init__(self, message: str, hostile: str | None = None) -> None:
-        super().__init__(message)
-        self.hostile = hostile
 
 
 class _NoBuild:
@@ -372,9 +391,69 @@ class _Unpickler(pickle.Unpickler):
     def _stand_in_type(self, qualname: str) -> type:
         cls = self._types.get(qualname)
         if cls is None:
+            if len(self._types) >= _MAX_GLOBALS:
+                raise _Refused(f"more than {_MAX_GLOBALS} distinct globals")
             cls = _StandInType(qualname.rpartition(".")[2], (_StandInBase,), {"qualname": qualname})
             self._types[qualname] = cls
         return cls
+
+
+_MAX_TUPLE_DEPTH = 100  # CPython hashes nested tuples recursively in C: deep ones crash it
+_MAX_MEMO_GAP = 1024  # memo indices grow one by one in real pickles
+_MAX_GLOBALS = 10_000  # distinct globals; each becomes a class
+
+
+def _prescan(stream: BinaryIO) -> None:
+    """Walk the opcodes once, without building anything, and refuse what would hurt the C
+    unpickler itself: deeply nested tuples (their hash recurses in C), memo indices far past
+    the memo's size (the memo is resized to twice the index) and floods of globals. Raises
+    :class:`_Refused`."""
+    start = stream.tell()
+    stack: list[int] = []  # tuple depth of each stack item
+    marks: list[int] = []
+    memo: dict[int, int] = {}
+    puts = globals_named = 0
+    for op, arg, _ in pickletools.genops(stream):
+        name = op.name
+        if name in ("GLOBAL", "STACK_GLOBAL", "INST"):
+            globals_named += 1
+            if globals_named > _MAX_GLOBALS * 10:  # real pickles memoize the globals they repeat
+                raise _Refused(f"more than {_MAX_GLOBALS * 10} global lookups")
+        if name == "MARK":
+            marks.append(len(stack))
+            continue
+        depth = 0
+        pops = _POPS[name]
+        if "mark" in pops:
+            at = marks.pop()
+            items = stack[at:]
+            del stack[at - pops.index("mark") :]
+            if name in ("TUPLE", "FROZENSET"):
+                depth = 1 + max(items, default=0)
+        else:
+            popped = [stack.pop() for _ in pops]
+            if name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                depth = 1 + max(popped)
+            elif name in ("DUP", "MEMOIZE", "READONLY_BUFFER"):
+                depth = popped[0]
+        if name == "EMPTY_TUPLE":
+            depth = 1
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            index = puts if name == "MEMOIZE" else int(arg or 0)
+            if index > puts + _MAX_MEMO_GAP:
+                raise _Refused(f"a memo index {index} far beyond the {puts} objects memoized")
+            memo[index] = depth if name == "MEMOIZE" else stack[-1]
+            puts += 1
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            depth = memo.get(int(arg or 0), 0)
+        if depth > _MAX_TUPLE_DEPTH:
+            raise _Refused(f"tuples nested more than {_MAX_TUPLE_DEPTH} deep")
+        stack.extend([depth] * len(op.stack_after))
+    stream.seek(start)
+
+
+# what each opcode pops, by name (the "mark" entry: it pops down to the last MARK)
+_POPS = {op.name: [s.name for s in op.stack_before] for op in pickletools.opcodes}
 
 
 def unpickle(
@@ -405,6 +484,7 @@ def unpickle(
     error: str | None = None
     obj: Any = None
     try:
+        _prescan(stream)
         obj = _resolve(up.load(), {})
     except _Refused as exc:
         if exc.hostile:
@@ -477,7 +557,7 @@ def _builders(up: _Unpickler) -> dict[str, _Builder]:
         metadata: Any = None,
     ) -> TensorRecord:
         if not isinstance(dtype, _Marker) or dtype.value not in DTYPE_ITEMSIZE:
-            up.refuse("_rebuild_tensor_v3 with a dtype that is not a torch dtype")
+            up.refuse(f"_rebuild_tensor_v3 with the dtype {brief(dtype)}")
         return _tensor(
             up, storage, offset, size, stride, requires_grad, backward_hooks, dtype.value
         )
@@ -576,11 +656,22 @@ def _check_no_hooks(up: _Unpickler, hooks: Any) -> None:
     up.refuse("a tensor with backward hooks (they would be code references)")
 
 
+MAX_NDIM = 64
+MAX_NUMEL = 2**48
+
+
 def _shape(up: _Unpickler, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, tuple | list) or not all(
-        type(v) is int and 0 <= v < 2**48 for v in value
+    if (
+        not isinstance(value, tuple | list)
+        or len(value) > MAX_NDIM
+        or not all(type(v) is int and 0 <= v <= MAX_NUMEL for v in value)
     ):
-        up.refuse(f"a tensor shape that is not a tuple of non-negative integers: {value!r:.80}")
+        up.refuse(f"a tensor shape that is not up to {MAX_NDIM} sizes: {brief(value)}")
+    numel = 1
+    for v in value:
+        numel *= v
+        if numel > MAX_NUMEL:
+            up.refuse(f"a tensor of more than 2**48 elements (shape of {len(value)} sizes)")
     return tuple(value)
 
 
@@ -600,12 +691,15 @@ def _tensor(
     shape = _shape(up, size)
     if not isinstance(stride, tuple | list) or len(stride) != len(shape):
         up.refuse("a tensor stride that does not match its shape")
-    if not all(type(s) is int for s in stride) or any(s < 0 for s in stride):
-        up.refuse(f"a tensor with negative or non-integer strides {tuple(stride)!r:.80}")
-    if type(offset) is not int or offset < 0:
-        up.refuse(f"a tensor with storage offset {offset!r:.40}")
+    if not all(type(s) is int and s < 2**62 for s in stride) or any(s < 0 for s in stride):
+        shown = ", ".join(map(brief, stride[:8]))
+        up.refuse(f"a tensor with negative or non-integer strides ({shown})")
+    if type(offset) is not int or not 0 <= offset < 2**62:
+        up.refuse(f"a tensor with storage offset {brief(offset)}")
     dtype = dtype or storage.dtype
     itemsize = DTYPE_ITEMSIZE[dtype]
+    if storage.nbytes % itemsize:
+        up.refuse(f"a {dtype} tensor on storage {storage.key!r} of {storage.nbytes} bytes")
     numel = 1
     for s in shape:
         numel *= s
@@ -716,7 +810,7 @@ def _resolve(obj: Any, memo: dict[int, Any]) -> Any:
     elif isinstance(obj, dict):
         out = memo[key] = {}
         for k, v in obj.items():
-            out[k] = _resolve(v, memo)
+            out[_resolve_key(k)] = _resolve(v, memo)
     elif isinstance(obj, list):
         out = memo[key] = []
         out.extend(_resolve(v, memo) for v in obj)
@@ -726,6 +820,15 @@ def _resolve(obj: Any, memo: dict[int, Any]) -> Any:
         return obj
     memo[key] = out
     return out
+
+
+def _resolve_key(key: Any) -> Any:
+    """Dict keys stay plain data: an object of ours used as a key becomes its name."""
+    if isinstance(key, str | int | float | bool | bytes) or key is None:
+        return key
+    if isinstance(key, tuple):
+        return tuple(_resolve_key(k) for k in key)
+    return f"<{getattr(key, 'qualname', type(key).__name__)}>"
 
 
 # the table's names do not depend on the unpickler it closes over

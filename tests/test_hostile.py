@@ -9,6 +9,7 @@ import os
 import pickle
 import struct
 import tarfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import Payload, assert_unchanged, make_net, snapshot
-from pickle_asm import Build, Call, Global, assemble, tensor, torch_zip
+from pickle_asm import ORDERED_DICT, Build, Call, Global, Pid, Raw, assemble, tensor, torch_zip
 from safetensors.torch import save_file
 
 import smartload
@@ -344,3 +345,117 @@ def test_nonfinite_values_are_refused_naming_the_key(tmp_path: Path) -> None:
     assert_unchanged(model, before)
     smartload.load(model, path, on_nonfinite="allow")
     assert torch.isnan(model.conv.weight[0, 0, 0, 0])
+
+
+# --------------------------------------------------------------------------------------------------
+# structures that attack the reader itself: refused quickly, with a smartload error
+
+
+def build_into_tensor_record(tmp: Path, cmd: str) -> Path:
+    """BUILD on a rebuilt tensor would move its view to another storage after validation."""
+    weight = Build(tensor("0", 2, (2,), (1,)), {"offset": 8})
+    return torch_zip(
+        tmp / "build.pth", assemble({"weight": weight}), {"0": b"\x00" * 8, "1": b"\x01" * 8}
+    )
+
+
+def deep_tuple_key(tmp: Path, cmd: str) -> Path:
+    path = tmp / "deep.pkl"
+    path.write_bytes(
+        b"\x80\x02})" + b"\x85" * 200_000 + b"K\x01s."
+    )  # hashing it would crash CPython
+    return path
+
+
+def huge_memo_index(tmp: Path, cmd: str) -> Path:
+    path = tmp / "memo.pkl"
+    path.write_bytes(b"(lp300000000\n.")  # 14 bytes that make the C unpickler allocate 4.6 GB
+    return path
+
+
+def flood_of_globals(tmp: Path, cmd: str) -> Path:
+    path = tmp / "globals.pkl"
+    path.write_bytes(b"\x80\x02" + b"".join(b"ca\n%d\n0" % i for i in range(200_000)) + b"N.")
+    return path
+
+
+def untyped_storage_not_a_multiple(tmp: Path, cmd: str) -> Path:
+    storage = Pid(("storage", Global("torch", "UntypedStorage"), "0", "cpu", 17))
+    v3 = Global("torch._utils", "_rebuild_tensor_v3")
+    weight = Call(v3, (storage, 0, (4,), (1,), False, ORDERED_DICT, Global("torch", "float32")))
+    return torch_zip(tmp / "v3.pth", assemble({"weight": weight}), {"0": b"\x00" * 17})
+
+
+def safetensors_dtype_not_a_string(tmp: Path, cmd: str) -> Path:
+    header = json.dumps({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path = tmp / "dtype.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00" * 4)
+    return path
+
+
+def safetensors_deep_json(tmp: Path, cmd: str) -> Path:
+    header = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path = tmp / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
+def fifo_shard(tmp: Path, cmd: str) -> Path:
+    os.mkfifo(tmp / "x.safetensors")
+    path = tmp / "model.safetensors.index.json"
+    path.write_text(json.dumps({"weight_map": {"weight": "x.safetensors"}}))
+    return path
+
+
+def index_names_itself(tmp: Path, cmd: str) -> Path:
+    path = tmp / "model.safetensors.index.json"
+    path.write_text(json.dumps({"weight_map": {"weight": "model.safetensors.index.json"}}))
+    return path
+
+
+ATTACKS: dict[str, tuple[Maker, str]] = {
+    "build_into_tensor_record": (build_into_tensor_record, "BUILD applied to a TensorRecord"),
+    "deep_tuple_key": (deep_tuple_key, "tuples nested more than 100 deep"),
+    "huge_memo_index": (huge_memo_index, "a memo index 300000000 far beyond the 0 objects memoized"),
+    "flood_of_globals": (flood_of_globals, "more than 100000 global lookups"),
+    "untyped_storage_not_a_multiple": (untyped_storage_not_a_multiple, "a float32 tensor on storage '0' of 17 bytes"),
+    "safetensors_dtype_not_a_string": (safetensors_dtype_not_a_string, "tensor 'a': unknown dtype a list of 1"),
+    "safetensors_deep_json": (safetensors_deep_json, "safetensors header is not valid JSON"),
+    "fifo_shard": (fifo_shard, "not a regular file (a device, FIFO or socket)"),
+    "index_names_itself": (index_names_itself, "shard 'model.safetensors.index.json' is not a weights file"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(ATTACKS))
+def test_attacks_on_the_reader_are_refused_quickly(case: str, tmp_path: Path, touch: str) -> None:
+    maker, fragment = ATTACKS[case]
+    path = maker(tmp_path, touch)
+    model = torch.nn.Linear(2, 1)
+    before = snapshot(model)
+    started = time.perf_counter()
+    for call in (lambda: smartload.load(model, path), lambda: smartload.inspect(path)):
+        with pytest.raises(smartload.SmartloadError) as caught:
+            call()
+        assert fragment in str(caught.value)
+    assert time.perf_counter() - started < 10  # a generous bound: the attacks ran for minutes
+    assert_unchanged(model, before)
+
+
+def test_shared_and_self_referencing_containers_are_walked_once(tmp_path: Path) -> None:
+    """A 3 KB dict whose 200 entries all point back to it: inspect answers at once."""
+    path = tmp_path / "dag.pkl"
+    entries = b"".join(b"X\x04\x00\x00\x00k%03d" % i + b"h\x00" for i in range(200))
+    path.write_bytes(b"\x80\x02}q\x00(" + entries + b"u.")
+    started = time.perf_counter()
+    with pytest.raises(CheckpointFormatError, match="no state dict found"):
+        smartload.inspect(path)
+    assert time.perf_counter() - started < 5
+
+
+def test_huge_integers_beside_the_weights_are_described_briefly(tmp_path: Path) -> None:
+    weights = {"weight": tensor("0", 2, (1, 2), (2, 1))}
+    epoch = Raw(b"\x8b" + struct.pack("<i", 3000) + b"\x7f" * 3000)  # LONG4: a 3000-byte int
+    data = assemble({"model": weights, "epoch": epoch})
+    path = torch_zip(tmp_path / "bigint.pth", data, {"0": struct.pack("<2f", 1.0, 2.0)})
+    info = smartload.inspect(path)
+    assert info.extras == {"epoch": "an integer of 23999 bits"}
