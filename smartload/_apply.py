@@ -134,6 +134,9 @@ def _commit(
     model: torch.nn.Module, targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
 ) -> None:
     custom = _custom_loaders(model)
+    # Versioned loaders (FrozenBatchNorm ...) see the model's own version: the values are being
+    # loaded as if this code had saved them.
+    metadata = getattr(model.state_dict(), "_metadata", {}) if custom else {}
     routed: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for key, value in values.items():
@@ -145,7 +148,8 @@ def _commit(
         for owner, state in routed.items():
             errors: list[str] = []
             prefix = owner + "." if owner else ""
-            custom[owner]._load_from_state_dict(state, prefix, {}, False, [], [], errors)
+            local = dict(metadata.get(owner, {}))
+            custom[owner]._load_from_state_dict(state, prefix, local, False, [], [], errors)
             if errors:
                 raise CheckpointFormatError("<model>", f"module {owner!r} refused: {errors[0]}")
 

@@ -38,6 +38,9 @@ class HeadRule:
     std: float = 0.01  # weight init for new rows
     bias: float = 0.0  # bias init for new rows
     offset: int = 0  # leading checkpoint rows of no class (timm's label_offset), dropped
+    # What the rows index: "classes" heads follow class_map; others (keypoints, stuff classes)
+    # are copied when their count is unchanged and re-initialised when it changes.
+    label_space: str = "classes"
 
     def matches(self, key: str) -> bool:
         return any(fnmatch.fnmatchcase(key, pattern) for pattern in self.keys)

@@ -158,10 +158,15 @@ def make_plan(
         unmatched = tuple(n for n, c in zip(target_classes, class_map, strict=True) if c is None)
     compiled = _compile_policies(policies)
     ctx = _Context(model, chosen, class_map, source_classes, unmatched)
+    tensors: Mapping[str, Any] = ckpt.tensors
+    originals: Mapping[str, str] = {}  # prepared key → the key in the file
+    prepared = chosen.prepare_checkpoint(model, tensors, ckpt.extras)
+    if prepared is not None:
+        tensors, originals = prepared
 
     feeds: dict[str, str] = {}  # model key → checkpoint key
     unused: list[str] = []
-    for ckpt_key, model_key in match_keys(ckpt.tensors, model_sd, rename).items():
+    for ckpt_key, model_key in match_keys(tensors, model_sd, rename).items():
         if model_key in model_sd and model_key not in feeds:
             feeds[model_key] = ckpt_key
         else:
@@ -171,7 +176,7 @@ def make_plan(
     mismatches: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = []
     for key, param in model_sd.items():
         source = feeds.get(key)
-        leaf = ckpt.tensors[source] if source is not None else None
+        leaf = tensors[source] if source is not None else None
         policy = next(((p, a) for p, a in compiled if fnmatch.fnmatchcase(key, p)), None)
         rule = next((r for r in rules if r.matches(key)), None)
         model_shape = tuple(param.shape)
@@ -185,6 +190,8 @@ def make_plan(
         ):
             rule = HeadRule(name=key.rpartition(".")[0], keys=(key,))
         entry = _decide(ctx, key, param, source, leaf, policy, rule)
+        if entry is not None and source is not None and source in originals:
+            entry = _replace(entry, source=originals[source])
         if entry is None:
             mismatches.append((key, ckpt_shape, model_shape))
         else:
@@ -196,14 +203,15 @@ def make_plan(
         format=ckpt.format,
         state_dict_path=ckpt.state_dict_path,
         entries=tuple(_note_tied(model_sd, entries)),
-        unused=tuple(sorted(unused)),
+        unused=tuple(sorted(originals.get(k, k) for k in unused)),
         heads=tuple(ctx.heads.values()),
         ema=ckpt.ema,
         other_state_dicts=ckpt.others,
         extras=dict(ckpt.extras),
         inert_globals=ckpt.inert,
         adapter=chosen.name,
-        tensors=ckpt.tensors,
+        notes=chosen.notes,
+        tensors={originals.get(k, k): v for k, v in tensors.items()},
         sources=ckpt.sources,
         transforms=ctx.transforms,
     )
@@ -238,12 +246,13 @@ def _check_num_classes(model: torch.nn.Module, adapter: Adapter, num_classes: in
 
 
 def _mismatch_hint(num_classes: int | None) -> str:
-    hint = "Nothing was loaded. "
+    choose = "pass policies={'<key or glob>': 'reinit-normal' | 'skip' | 'slice'}"
     if num_classes is None:
-        hint += "If these are the classifier head, pass num_classes=<the model's class count>; "
-    return hint + (
-        "to choose per key, pass policies={'<key or glob>': 'reinit-normal' | 'skip' | 'slice'}"
-    )
+        return (
+            "Nothing was loaded. If these are the classifier head, pass num_classes=<the model's "
+            f"class count>; to choose per key, {choose}"
+        )
+    return f"Nothing was loaded. To choose per key, {choose}"
 
 
 def _decide(
@@ -286,7 +295,8 @@ def _decide(
         return None
     assert ckpt_shape is not None
     same = ckpt_shape == model_shape
-    head_change = rule is not None and (not same or ctx.class_map is not None)
+    follows_map = rule is not None and rule.label_space == "classes"
+    head_change = rule is not None and (not same or (follows_map and ctx.class_map is not None))
     if action == "copy" or (action is None and not head_change):
         if same:
             return PlanEntry(action="copy", reason=by_policy or "same shape", reused=numel, **base)
@@ -307,7 +317,7 @@ def _decide(
             return None
         rule = HeadRule(name=key.rpartition(".")[0], keys=(key,))
         base["head"] = rule.name
-    dim = rule.dim
+    dim = 0 if len(model_shape) == 1 else rule.dim  # a bias holds one value per row
     if len(ckpt_shape) != len(model_shape) or any(
         a != b for i, (a, b) in enumerate(zip(ckpt_shape, model_shape, strict=True)) if i != dim
     ):
@@ -317,19 +327,20 @@ def _decide(
     if old_k is None or new_k is None:
         return None
     description = f"head {rule.name}: {old_k} → {new_k} classes"
+    class_map = ctx.class_map if rule.label_space == "classes" else None
     # Same classes in another layout (a background row to drop): keep them all, by position.
-    if action is None and ctx.class_map is None and old_k != new_k:
+    if action is None and class_map is None and old_k != new_k:
         _record_head(ctx, rule, key, old_k, new_k, None)
         return PlanEntry(
             action="reinit-normal", reason=f"{description}, no class map", dim=dim, **base
         )
     mapping = resolve_class_map(
-        ctx.class_map, new_k, old_k, source_classes=ctx.source_classes, head=rule.name
+        class_map, new_k, old_k, source_classes=ctx.source_classes, head=rule.name
     )
     rows = source_rows(rule, old_k, new_k, mapping)
     kept = sum(r is not None for r in rows)
     _record_head(ctx, rule, key, old_k, new_k, tuple(mapping))
-    how = by_policy or ("by class map" if ctx.class_map is not None else "by position")
+    how = by_policy or ("by class map" if class_map is not None else "by position")
     return PlanEntry(
         action="slice",
         reason=f"{description}, {kept} of {len(rows)} rows kept {how}",

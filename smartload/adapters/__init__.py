@@ -8,9 +8,9 @@ and import their framework lazily; the core never imports them unless the model 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._heads import HeadRule
 
@@ -33,6 +33,7 @@ class Adapter:
 
     name = "generic"
     knows_heads = True  # False: its head rules are guesses, used only when num_classes is given
+    notes: tuple[str, ...] = ()  # said in the report (e.g. an assumption the adapter made)
 
     def head_rules(self, model: torch.nn.Module) -> list[HeadRule]:
         """The model's class-count heads."""
@@ -40,6 +41,18 @@ class Adapter:
 
     def num_classes(self, model: torch.nn.Module) -> int | None:
         """The model's class count as its heads say, or None when unknown."""
+        return None
+
+    def prepare_checkpoint(
+        self,
+        model: torch.nn.Module,
+        tensors: Mapping[str, Any],
+        extras: Mapping[str, str],
+    ) -> tuple[Mapping[str, Any], Mapping[str, str]] | None:
+        """Rename (or convert) checkpoint tensors the framework's own way before matching.
+
+        Returns ``(tensors by new name, {new name: name in the file})``, or None to leave them.
+        """
         return None
 
     def class_names(self, label_set: str) -> list[str] | None:
@@ -88,10 +101,15 @@ def _is_timm(model: torch.nn.Module) -> bool:
     return isinstance(cfg, dict) and "classifier" in cfg
 
 
+def _is_detectron2(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("detectron2.")
+
+
 # (test on the model, module, class): framework adapters register here; checked in order. The
 # tests must not import the framework: the adapter module does, when it is chosen.
 _REGISTRY: list[tuple[Callable[[torch.nn.Module], bool], str, str]] = [
     (_is_timm, "smartload.adapters.timm", "TimmAdapter"),
+    (_is_detectron2, "smartload.adapters.detectron2", "Detectron2Adapter"),
 ]
 
 

@@ -1,0 +1,332 @@
+"""detectron2: class-aware surgery of every head, model-zoo ``.pkl``, and a trainer hook.
+
+Chosen automatically for models built by detectron2 (their classes live in ``detectron2.*``).
+detectron2 is imported lazily and only through its public API.
+
+Head layouts (rows along dim 0 unless said):
+
+- ``roi_heads.box_predictor[.{0,1,2}].cls_score``: K+1 rows, background last (always kept);
+- ``...bbox_pred``: 4 rows per class (absent from the rules when class-agnostic: 4 rows);
+- ``roi_heads.mask_head.predictor``: K rows (1 when class-agnostic);
+- RetinaNet ``head.cls_score``: A*K channels, channel = a*K + k; new bias at the focal prior;
+- ``sem_seg_head.predictor``: its own label space (stuff classes), re-initialised if it changes;
+- ``roi_heads.keypoint_head.score_lowres``: keypoints along dim 1 (ConvTranspose2d).
+
+New rows are initialised as detectron2 does: cls_score std 0.01, bbox_pred and mask predictor std
+0.001, bias 0; RetinaNet's class bias -log((1 - p) / p) with p = 0.01.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+try:
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.checkpoint.c2_model_loading import (
+        align_and_update_state_dicts,
+        convert_c2_detectron_names,
+    )
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.engine import HookBase
+    from detectron2.utils.file_io import PathManager
+except ImportError as exc:  # pragma: no cover - exercised only without detectron2
+    raise ImportError(
+        "smartload.adapters.detectron2 needs detectron2 (https://github.com/facebookresearch/"
+        "detectron2; without network, see the README's set-up)"
+    ) from exc
+
+from .._normalize import leaf_shape
+from .._tensors import Materializer
+from .._unpickler import ArrayRecord
+from . import Adapter, HeadRule
+
+__all__ = ["Detectron2Adapter", "SmartDetectionCheckpointer", "SmartLoadHook"]
+
+REPORT_NAME = "smartload_report.json"
+_PRIOR_PROB = 0.01
+logger = logging.getLogger("smartload")
+
+
+def _weight_std(module: Any, fallback: float) -> float:
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.numel() < 2:
+        return fallback
+    return float(weight.detach().float().std())
+
+
+class Detectron2Adapter(Adapter):
+    """Head rules for GeneralizedRCNN (Faster/Mask/Cascade/Keypoint R-CNN), RetinaNet, PanopticFPN."""
+
+    name = "detectron2"
+
+    def __init__(self, notes: Sequence[str] = ()) -> None:
+        self.notes = tuple(notes)
+
+    def head_rules(self, model: torch.nn.Module) -> list[HeadRule]:
+        rules: list[HeadRule] = []
+        roi: Any = getattr(model, "roi_heads", None)
+        predictor: Any = getattr(roi, "box_predictor", None)
+        stages = list(predictor) if _is_module_list(predictor) else [predictor]
+        for i, stage in enumerate(stages):
+            if stage is None:
+                continue
+            prefix = "roi_heads.box_predictor" + (f".{i}" if _is_module_list(predictor) else "")
+            rules.append(_rule(f"{prefix}.cls_score", background="last", std=0.01))
+            num_classes = int(stage.cls_score.out_features) - 1
+            if int(stage.bbox_pred.out_features) == 4 * num_classes and num_classes > 1:
+                rules.append(_rule(f"{prefix}.bbox_pred", block=4, std=0.001))
+        mask_head = getattr(roi, "mask_head", None)
+        mask = getattr(mask_head, "predictor", None)
+        if mask is not None and int(mask.out_channels) == getattr(roi, "num_classes", -1) > 1:
+            rules.append(_rule("roi_heads.mask_head.predictor", std=0.001))
+        keypoints = getattr(getattr(roi, "keypoint_head", None), "score_lowres", None)
+        if keypoints is not None:
+            rules.append(
+                _rule(
+                    "roi_heads.keypoint_head.score_lowres",
+                    dim=1,
+                    label_space="keypoints",
+                    std=_weight_std(keypoints, 0.001),
+                )
+            )
+        head: Any = getattr(model, "head", None)
+        retina_classes: Any = getattr(model, "num_classes", None)
+        if type(model).__name__ == "RetinaNet" and head is not None and retina_classes:
+            groups = int(head.cls_score.out_channels) // int(retina_classes)
+            prior = -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB)
+            rules.append(_rule("head.cls_score", groups=groups, std=0.01, bias=prior))
+        sem_seg = getattr(getattr(model, "sem_seg_head", None), "predictor", None)
+        if sem_seg is not None:
+            rules.append(
+                _rule(
+                    "sem_seg_head.predictor",
+                    label_space="stuff",
+                    std=_weight_std(sem_seg, 0.001),
+                )
+            )
+        return rules
+
+    def num_classes(self, model: torch.nn.Module) -> int | None:
+        for owner in (getattr(model, "roi_heads", None), model):
+            value = getattr(owner, "num_classes", None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    def class_names(self, label_set: str) -> list[str] | None:
+        """``thing_classes`` of a registered dataset (``"coco_2017_train"``)."""
+        if label_set not in DatasetCatalog.list() and label_set not in MetadataCatalog.list():
+            return None
+        names = MetadataCatalog.get(label_set).get("thing_classes")
+        return list(names) if names else None
+
+    def prepare_checkpoint(
+        self,
+        model: torch.nn.Module,
+        tensors: Mapping[str, Any],
+        extras: Mapping[str, str],
+    ) -> tuple[Mapping[str, Any], Mapping[str, str]] | None:
+        """Names from detectron2's own matching heuristics, for the files that ask for them.
+
+        detectron2 model-zoo ``.pkl`` files set ``matching_heuristics``; Caffe2/Detectron1 files
+        (``{"blobs": ...}`` or a flat dict without ``__author__``) also need their names and
+        heads converted (background row first → last). Both go through
+        ``align_and_update_state_dicts``, fed with shapes only where no value changes.
+        """
+        caffe2 = "__author__" not in extras and all(
+            isinstance(v, ArrayRecord) for v in tensors.values()
+        )
+        if not caffe2 and extras.get("matching_heuristics") != "True":
+            return None
+        originals: dict[str, str] = {}
+        if caffe2:  # renames, and moves or drops background rows: needs the values
+            arrays = Materializer({})
+            values = {
+                k: arrays.tensor(v) for k, v in tensors.items() if not k.endswith("_momentum")
+            }
+            tensors, originals = convert_c2_detectron_names(values)
+        model_shapes = {k: _Named(k, _AnyShape(v.shape)) for k, v in model.state_dict().items()}
+        named = {k: _Named(k, leaf_shape(v)) for k, v in tensors.items()}
+        quiet = logging.getLogger("detectron2.checkpoint.c2_model_loading")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # its table of matches is what smartload's report says
+        try:
+            aligned = align_and_update_state_dicts(model_shapes, named, c2_conversion=False)
+        finally:
+            quiet.setLevel(level)
+        renamed = {new: value.key for new, value in aligned.items()}
+        return (
+            {new: tensors[old] for new, old in renamed.items()},
+            {new: originals.get(old, old) for new, old in renamed.items()},
+        )
+
+
+class _AnyShape(tuple):  # type: ignore[type-arg]
+    """A model shape that matches any checkpoint shape: smartload decides on shapes itself."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    def __hash__(self) -> int:
+        return tuple.__hash__(self)
+
+
+class _Named:
+    """A checkpoint entry as detectron2's matcher sees it: a shape, and the name it had."""
+
+    def __init__(self, key: str, shape: tuple[int, ...]) -> None:
+        self.key = key
+        self.shape = shape
+
+
+def _is_module_list(value: Any) -> bool:
+    return isinstance(value, torch.nn.ModuleList)
+
+
+def _rule(name: str, **kwargs: Any) -> HeadRule:
+    return HeadRule(name=name, keys=(f"{name}.weight", f"{name}.bias"), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer integration
+
+
+class SmartDetectionCheckpointer(DetectionCheckpointer):  # type: ignore[misc]
+    """A ``DetectionCheckpointer`` whose initial load goes through smartload.
+
+    Resuming from ``OUTPUT_DIR/last_checkpoint`` is left to detectron2 (same model, same keys);
+    loading initial weights (``cfg.MODEL.WEIGHTS``) uses :func:`smartload.load` with
+    ``load_keywords`` and writes ``smartload_report.json`` into ``save_dir``. For custom training
+    loops and LazyConfig users: ``SmartDetectionCheckpointer(model, out_dir,
+    load_keywords={"num_classes": 3}).load(weights)``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        save_dir: str = "",
+        *,
+        load_keywords: Mapping[str, Any] | None = None,
+        **checkpointables: Any,
+    ) -> None:
+        super().__init__(model, save_dir, **checkpointables)
+        self.load_keywords = dict(load_keywords or {})
+        self.smartload_report: Any = None
+
+    def load(self, path: str, checkpointables: list[str] | None = None) -> dict[str, Any]:
+        """Load initial weights through smartload (nothing for an empty path)."""
+        if not path:
+            return {}
+        import smartload
+
+        report_path = os.path.join(self.save_dir, REPORT_NAME) if self.save_dir else None
+        self.smartload_report = smartload.load(
+            self.model,
+            PathManager.get_local_path(path),
+            report_path=report_path,
+            **self.load_keywords,
+        )
+        return {}
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+        if resume and self.has_checkpoint():
+            return super().load(self.get_checkpoint_file())  # type: ignore[no-any-return]
+        return self.load(path)
+
+
+class SmartLoadHook(HookBase):  # type: ignore[misc]
+    """``trainer.register_hooks([SmartLoadHook(class_map=...)])``: load the initial weights
+    through smartload, exactly once, on a fresh run; do nothing on a resumed one.
+
+    ``weights`` defaults to ``cfg.MODEL.WEIGHTS``; ``load_keywords`` are those of
+    :func:`smartload.load` (``num_classes`` comes from the config). Unless a ``class_map`` is
+    given, classes are matched by name: the new names from ``cfg.DATASETS.TRAIN``'s metadata,
+    the checkpoint's from ``source_classes=`` (names or a registered dataset such as
+    ``"coco_2017_train"``), or COCO's for an 80-class checkpoint, which the report then says. The
+    report goes to ``cfg.OUTPUT_DIR/smartload_report.json``, a one-line summary to the log.
+    """
+
+    def __init__(self, weights: str | None = None, **load_keywords: Any) -> None:
+        self.weights = weights
+        self.load_keywords = load_keywords
+        self.report: Any = None
+        self._trainer: Any = None
+
+    # register_hooks sets .trainer: take over the trainer's checkpointer then, so that
+    # trainer.resume_or_load(resume=False) loads through smartload, and only once.
+    @property
+    def trainer(self) -> Any:
+        return self._trainer
+
+    @trainer.setter
+    def trainer(self, trainer: Any) -> None:
+        self._trainer = trainer
+        cfg = trainer.cfg
+        if self.weights is not None:
+            cfg.defrost()
+            cfg.MODEL.WEIGHTS = self.weights
+            cfg.freeze()
+        old = trainer.checkpointer
+        trainer.checkpointer = SmartDetectionCheckpointer(
+            old.model,
+            old.save_dir,
+            load_keywords=_load_keywords(cfg, old.model, self.load_keywords),
+            save_to_disk=old.save_to_disk,
+            **old.checkpointables,
+        )
+
+    def before_train(self) -> None:
+        checkpointer = self.trainer.checkpointer
+        fresh = self.trainer.start_iter == 0 and checkpointer.smartload_report is None
+        if fresh and self.trainer.cfg.MODEL.WEIGHTS:
+            checkpointer.load(self.trainer.cfg.MODEL.WEIGHTS)
+        self.report = checkpointer.smartload_report
+
+
+def _load_keywords(cfg: Any, model: torch.nn.Module, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``smartload.load`` keywords for a detectron2 config: class count, class names, adapter."""
+    keywords = dict(given)
+    retina = cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES if retina else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    keywords.setdefault("num_classes", num_classes)
+    notes: list[str] = []
+    target = (
+        MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes")
+        if cfg.DATASETS.TRAIN
+        else None
+    )
+    if "class_map" not in keywords and target:
+        keywords.setdefault("target_classes", list(target))
+        coco = MetadataCatalog.get("coco_2017_train").get("thing_classes")
+        if "source_classes" not in keywords and coco:
+            if _checkpoint_classes(model, str(cfg.MODEL.WEIGHTS)) == len(coco):
+                keywords["source_classes"] = list(coco)
+                notes.append(
+                    f"the checkpoint's {len(coco)} classes were assumed to be COCO's "
+                    "(coco_2017_train); pass source_classes= to say otherwise"
+                )
+    keywords.setdefault("adapter", Detectron2Adapter(notes))
+    return keywords
+
+
+def _checkpoint_classes(model: torch.nn.Module, path: str) -> int | None:
+    """The class count of the checkpoint's first class head, from its structure alone."""
+    if not path or not os.path.isfile(path):
+        return None
+    import smartload
+
+    info = smartload.inspect(path)
+    for rule in Detectron2Adapter().head_rules(model):
+        shape = info.tensors.get(rule.keys[0])
+        if rule.label_space == "classes" and shape is not None:
+            return rule.num_classes(shape.shape[rule.dim], checkpoint=True)
+    return None

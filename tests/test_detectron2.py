@@ -1,0 +1,312 @@
+"""The detectron2 adapter and trainer hook on real detectron2 models (model-zoo configs, CPU)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import smartload
+
+d2 = pytest.importorskip("detectron2")
+from detectron2 import model_zoo  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.engine import DefaultTrainer  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import BoxMode  # noqa: E402
+
+from smartload.adapters.detectron2 import SmartDetectionCheckpointer, SmartLoadHook  # noqa: E402
+
+FASTER = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
+MASK = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
+RETINA = "COCO-Detection/retinanet_R_50_FPN_1x.yaml"
+CASCADE = "Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml"
+PANOPTIC = "COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml"
+KEYPOINT = "COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml"
+PERSON_CAR_DOG = [0, 2, 16]  # their COCO indices
+
+
+def make_cfg(config: str, num_classes: int | None = None):  # type: ignore[no-untyped-def]
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(config))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    if num_classes is not None:
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+        cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    return cfg
+
+
+def make_model(config: str, num_classes: int | None = None, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(make_cfg(config, num_classes))
+
+
+@pytest.fixture(scope="module")
+def coco_checkpoints(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[Path, Path, dict]]:
+    """An 80-class checkpoint per architecture: detectron2's .pth and a model-zoo .pkl."""
+    folder = tmp_path_factory.mktemp("d2")
+    out = {}
+    for config in (FASTER, MASK, RETINA, CASCADE, PANOPTIC):
+        sd = make_model(config, seed=1).state_dict()
+        name = config.split("/")[1].removesuffix(".yaml")
+        pth = folder / f"{name}.pth"
+        torch.save({"model": sd, "iteration": 90000}, pth)
+        pkl = folder / f"{name}.pkl"
+        zoo = {"model": {k: v.numpy() for k, v in sd.items()}, "__author__": "Detectron2 Model Zoo",
+               "matching_heuristics": True}  # fmt: skip
+        pkl.write_bytes(pickle.dumps(zoo, protocol=4))
+        out[config] = (pth, pkl, sd)
+    return out
+
+
+HEADS = {
+    FASTER: {"roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"},
+    MASK: {"roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred",
+           "roi_heads.mask_head.predictor"},
+    RETINA: {"head.cls_score"},
+    CASCADE: {f"roi_heads.box_predictor.{i}.cls_score" for i in range(3)} | {"roi_heads.mask_head.predictor"},
+    PANOPTIC: {"roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred",
+               "roi_heads.mask_head.predictor"},
+}  # fmt: skip
+
+
+def expected_rows(head: str, old: int, new_map: list[int]) -> list[int]:
+    """Checkpoint rows each new row takes, per detectron2's layouts (background last)."""
+    if head.endswith("cls_score") and head.startswith("roi_heads"):
+        return [*new_map, old]
+    if head.endswith("bbox_pred"):
+        return [4 * k + j for k in new_map for j in range(4)]
+    if head == "head.cls_score":
+        return [a * old + k for a in range(9) for k in new_map]
+    return list(new_map)
+
+
+@pytest.mark.parametrize("kind", ["pth", "pkl"])
+@pytest.mark.parametrize("config", [FASTER, MASK, RETINA, CASCADE, PANOPTIC])
+def test_coco_into_three_classes(config: str, kind: str, coco_checkpoints: dict) -> None:
+    """Without a class map every class head is re-initialised as detectron2 does; with one, each
+    head keeps exactly the rows of person, car and dog (and the background row)."""
+    pth, pkl, sd = coco_checkpoints[config]
+    path = pth if kind == "pth" else pkl
+    model = make_model(config, 3)
+    report = smartload.load(model, path, num_classes=3)
+    assert report.adapter == "detectron2"
+    assert {h.name for h in report.heads} == HEADS[config]
+    reinit = {e.key.rpartition(".")[0] for e in report.entries if e.action == "reinit-normal"}
+    assert reinit == HEADS[config]
+    got = model.state_dict()
+    for key, value in sd.items():
+        if key.rpartition(".")[0] not in HEADS[config]:
+            assert torch.equal(got[key], value), key
+    for head in HEADS[config]:
+        bias = got[f"{head}.bias"]
+        if head == "head.cls_score":
+            assert torch.allclose(bias, torch.full_like(bias, -float(np.log(99))))
+        else:
+            assert torch.equal(bias, torch.zeros_like(bias))
+
+    model = make_model(config, 3)
+    report = smartload.load(model, path, num_classes=3, class_map=PERSON_CAR_DOG)
+    got = model.state_dict()
+    for head in HEADS[config]:
+        rows = expected_rows(head, 80, PERSON_CAR_DOG)
+        for p in ("weight", "bias"):
+            assert torch.equal(got[f"{head}.{p}"], sd[f"{head}.{p}"][rows]), (head, p)
+    assert {e.action for e in report.entries if e.head in HEADS[config]} == {"slice"}
+    if config == PANOPTIC:  # stuff classes are another label space: same count, copied
+        entry = next(e for e in report.entries if e.key == "sem_seg_head.predictor.weight")
+        assert (entry.action, entry.head) == ("copy", "sem_seg_head.predictor")
+
+
+def test_keypoint_head_is_dim_1_and_its_own_label_space(tmp_path: Path) -> None:
+    """17 → 14 keypoints: score_lowres (ConvTranspose2d, dim 1) is re-initialised; the one-class
+    box head is copied even with a class map for the (unchanged) person class."""
+    sd = make_model(KEYPOINT, seed=1).state_dict()
+    path = tmp_path / "kp.pth"
+    torch.save({"model": sd}, path)
+    cfg = make_cfg(KEYPOINT)
+    cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS = 14
+    model = build_model(cfg)
+    report = smartload.load(model, path, num_classes=1)
+    entries = {e.key: e for e in report.entries}
+    weight = entries["roi_heads.keypoint_head.score_lowres.weight"]
+    assert (weight.action, weight.ckpt_shape, weight.model_shape) == (
+        "reinit-normal", (512, 17, 4, 4), (512, 14, 4, 4)
+    )  # fmt: skip
+    assert (
+        weight.reason == "head roi_heads.keypoint_head.score_lowres: 17 → 14 classes, no class map"
+    )
+    assert entries["roi_heads.box_predictor.cls_score.weight"].action == "copy"
+
+
+def test_caffe2_blobs_pkl_renamed_and_background_moved(tmp_path: Path) -> None:
+    """A Detectron1/Caffe2 file: names converted by detectron2's own rules, the background row of
+    cls_score moved from first to last, `_momentum` blobs ignored."""
+    ref = make_model(FASTER, seed=1).state_dict()
+    stem = "backbone.bottom_up.stem.conv1"
+    cls = np.random.default_rng(0).standard_normal((81, 1024)).astype(np.float32)
+    blobs = {
+        "conv1_w": ref[f"{stem}.weight"].numpy(),
+        "res_conv1_bn_s": ref[f"{stem}.norm.weight"].numpy() + 1,
+        "res_conv1_bn_b": ref[f"{stem}.norm.bias"].numpy() + 2,
+        "conv1_w_momentum": np.zeros((64, 3, 7, 7), np.float32),
+        "cls_score_w": cls,
+        "cls_score_b": np.arange(81, dtype=np.float32),
+    }
+    path = tmp_path / "R-50-C2.pkl"
+    path.write_bytes(pickle.dumps({"blobs": blobs}, protocol=2))
+    model = make_model(FASTER, seed=2)
+    report = smartload.load(model, path)
+    got = model.state_dict()
+    assert torch.equal(got[f"{stem}.weight"], ref[f"{stem}.weight"])
+    assert torch.equal(got[f"{stem}.norm.weight"], ref[f"{stem}.norm.weight"] + 1)
+    assert torch.equal(
+        got["roi_heads.box_predictor.cls_score.weight"],
+        torch.from_numpy(np.concatenate([cls[1:], cls[:1]])),
+    )
+    assert got["roi_heads.box_predictor.cls_score.bias"].tolist() == [*range(1, 81), 0]
+    sources = {e.key: e.source for e in report.entries if e.action == "copy"}
+    assert sources[f"{stem}.weight"] == "conv1_w"
+    assert sources["roi_heads.box_predictor.cls_score.weight"] == "cls_score_w"
+    assert "conv1_w_momentum" not in report.unused
+
+
+def test_registered_dataset_names_as_source_classes(coco_checkpoints: dict) -> None:
+    pth, _, sd = coco_checkpoints[FASTER]
+    model = make_model(FASTER, 2)
+    report = smartload.load(
+        model,
+        pth,
+        num_classes=2,
+        source_classes="coco_2017_train",
+        target_classes=["dog", "person"],
+    )
+    assert report.heads[0].class_map == (16, 0)
+    got = model.state_dict()["roi_heads.box_predictor.cls_score.weight"]
+    assert torch.equal(got, sd["roi_heads.box_predictor.cls_score.weight"][[16, 0, 80]])
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer hook
+
+
+def _register_dataset(name: str) -> None:
+    if name in DatasetCatalog.list():
+        return
+
+    def images() -> list[dict]:
+        out = []
+        for i in range(4):
+            out.append({
+                "file_name": "", "image_id": i, "height": 64, "width": 80,
+                "annotations": [{"bbox": [10, 10, 40, 40], "bbox_mode": BoxMode.XYXY_ABS,
+                                 "category_id": i % 3}],
+            })  # fmt: skip
+        return out
+
+    DatasetCatalog.register(name, images)
+    MetadataCatalog.get(name).set(thing_classes=["person", "car", "dog"])
+
+
+class _Trainer(DefaultTrainer):  # type: ignore[misc]
+    """DefaultTrainer with in-memory images (the dataset dicts name no files)."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):  # type: ignore[no-untyped-def]
+        from detectron2.data import DatasetMapper, build_detection_train_loader
+
+        class Mapper(DatasetMapper):  # type: ignore[misc]
+            def __call__(self, record):  # type: ignore[no-untyped-def]
+                from detectron2.data import detection_utils
+
+                record = dict(record)
+                image = np.random.default_rng(record["image_id"]).integers(
+                    0, 255, (64, 80, 3), dtype=np.uint8
+                )
+                record["image"] = torch.as_tensor(image.transpose(2, 0, 1).copy())
+                instances = detection_utils.annotations_to_instances(
+                    record.pop("annotations"), (64, 80)
+                )
+                record["instances"] = instances
+                return record
+
+        return build_detection_train_loader(cfg, mapper=Mapper(cfg, is_train=True))
+
+
+def _trainer_cfg(tmp_path: Path, weights: Path):  # type: ignore[no-untyped-def]
+    _register_dataset("smartload_toy_train")
+    cfg = make_cfg(FASTER, 3)
+    cfg.DATASETS.TRAIN = ("smartload_toy_train",)
+    cfg.DATASETS.TEST = ()
+    cfg.MODEL.WEIGHTS = str(weights)
+    cfg.SOLVER.MAX_ITER = 1
+    cfg.SOLVER.BASE_LR = 0.0
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.CHECKPOINT_PERIOD = 1
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 80
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    return cfg
+
+
+def test_hook_in_a_real_default_trainer(
+    tmp_path: Path, coco_checkpoints: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One line makes DefaultTrainer load COCO weights through smartload: person/car/dog rows
+    kept (names from the dataset metadata, COCO assumed for 80 classes and said so), a report in
+    OUTPUT_DIR, exactly one load, no "Skip loading parameter" noise; a resumed run loads nothing."""
+    pth, _, sd = coco_checkpoints[FASTER]
+    cfg = _trainer_cfg(tmp_path, pth)
+    trainer = _Trainer(cfg)
+    hook = SmartLoadHook()
+    trainer.register_hooks([hook])
+    with caplog.at_level(logging.INFO):
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    report_path = Path(cfg.OUTPUT_DIR) / "smartload_report.json"
+    report = json.loads(report_path.read_text())
+    assert report["heads"][0]["class_map"] == PERSON_CAR_DOG
+    assert report["notes"] == [
+        "the checkpoint's 80 classes were assumed to be COCO's (coco_2017_train); "
+        "pass source_classes= to say otherwise"
+    ]
+    assert hook.report is trainer.checkpointer.smartload_report
+    got = trainer.model.state_dict()
+    key = "roi_heads.box_predictor.cls_score.weight"
+    assert torch.equal(got[key], sd[key][[0, 2, 16, 80]])  # BASE_LR=0: one real step, no change
+    assert torch.equal(
+        got["backbone.bottom_up.res2.0.conv1.weight"], sd["backbone.bottom_up.res2.0.conv1.weight"]
+    )
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("Skip loading parameter" in m for m in messages)
+    assert sum(m.startswith("reused ") for m in messages) == 1  # one load, one summary line
+
+    report_path.unlink()
+    resumed = _Trainer(cfg)
+    resumed.register_hooks([SmartLoadHook()])
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 1
+    resumed.train()
+    assert not report_path.exists()
+
+
+def test_checkpointer_for_custom_loops(tmp_path: Path, coco_checkpoints: dict) -> None:
+    pth, _, sd = coco_checkpoints[RETINA]
+    model = make_model(RETINA, 3)
+    checkpointer = SmartDetectionCheckpointer(
+        model, str(tmp_path), load_keywords={"num_classes": 3, "class_map": PERSON_CAR_DOG}
+    )
+    checkpointer.load(str(pth))
+    assert (tmp_path / "smartload_report.json").exists()
+    rows = expected_rows("head.cls_score", 80, PERSON_CAR_DOG)
+    assert torch.equal(model.head.cls_score.weight.detach(), sd["head.cls_score.weight"][rows])
