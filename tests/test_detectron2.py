@@ -310,3 +310,44 @@ def test_checkpointer_for_custom_loops(tmp_path: Path, coco_checkpoints: dict) -
     assert (tmp_path / "smartload_report.json").exists()
     rows = expected_rows("head.cls_score", 80, PERSON_CAR_DOG)
     assert torch.equal(model.head.cls_score.weight.detach(), sd["head.cls_score.weight"][rows])
+
+
+def test_two_iterations_train_with_finite_losses(tmp_path: Path, coco_checkpoints: dict) -> None:
+    pth, _, _ = coco_checkpoints[FASTER]
+    cfg = _trainer_cfg(tmp_path, pth)
+    cfg.SOLVER.MAX_ITER = 2
+    cfg.SOLVER.BASE_LR = 0.001
+    trainer = _Trainer(cfg)
+    trainer.register_hooks([SmartLoadHook()])
+    trainer.train()  # no resume_or_load: the hook loads before the first step
+    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert (Path(cfg.OUTPUT_DIR) / "smartload_report.json").exists()
+
+
+def test_hostile_pkl_refused_by_load_and_hook_while_detectron2_runs_it(
+    tmp_path: Path, sentinel: Path, touch: str
+) -> None:
+    """The model-zoo .pkl path: detectron2's checkpointer unpickles it and runs the payload;
+    smartload refuses it through the function and the hook, and nothing runs."""
+    from conftest import Payload
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(pickle.dumps({"model": {}, "__author__": Payload(touch)}, protocol=2))
+    model = make_model(FASTER, 3)
+    with pytest.raises(smartload.UnsafeCheckpointError) as caught:
+        smartload.load(model, path, num_classes=3)
+    assert caught.value.globals == ["posix.system"]
+    cfg = _trainer_cfg(tmp_path, path)
+    trainer = _Trainer(cfg)
+    with pytest.raises(smartload.UnsafeCheckpointError):
+        trainer.register_hooks([SmartLoadHook()])
+    assert not sentinel.exists()
+
+    witness = tmp_path / "detectron2_ran_it"
+    path.write_bytes(
+        pickle.dumps({"model": {}, "__author__": Payload(f"touch {witness}")}, protocol=2)
+    )
+    DetectionCheckpointer(model).load(str(path))
+    assert witness.exists()  # what smartload exists to prevent
