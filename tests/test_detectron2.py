@@ -343,6 +343,9 @@ def test_hostile_pkl_refused_by_load_and_hook_while_detectron2_runs_it(
     trainer = _Trainer(cfg)
     with pytest.raises(smartload.UnsafeCheckpointError):
         trainer.register_hooks([SmartLoadHook()])
+    for hook in trainer._hooks:  # the run never starts: close the writers DefaultTrainer opened
+        for writer in getattr(hook, "_writers", ()):
+            writer.close()
     assert not sentinel.exists()
 
     witness = tmp_path / "detectron2_ran_it"
