@@ -144,12 +144,12 @@ class _Sealed:
         raise _Refused(f"BUILD applied to a {type(self).__name__}")
 
 
-def brief(value: Any) -> str:
+def brief(value: Any, limit: int = 40) -> str:
     """A bounded description of a value from the file (its repr may be huge or deep)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value) if abs(value) < 10**18 else f"an integer of {value.bit_length()} bits"
     if isinstance(value, str):
-        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
     if isinstance(value, tuple | list | dict | set | frozenset):
         return f"a {type(value).__name__} of {len(value)}"
     return f"a {getattr(value, 'qualname', type(value).__name__)}"
@@ -284,10 +284,14 @@ class _StandInType(type):
     """Metaclass of stand-in classes: calling one records the call."""
 
     qualname: str
+    calls: list[str] | None  # for hostile globals: what the file would have run, described
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         obj = cls.__new__(cls)  # type: ignore[call-overload]
         obj.record.args = args
+        if cls.calls is not None and len(cls.calls) < 100:
+            shown = ", ".join(brief(a, limit=200) for a in args[:6])
+            cls.calls.append(f"{cls.qualname}({shown})")
         return obj
 
 
@@ -348,6 +352,7 @@ class _Unpickler(pickle.Unpickler):
         self.hostile: list[str] = []
         self.problems: list[str] = []
         self.globals_seen: dict[str, None] = {}
+        self.calls: list[str] = []  # calls of hostile globals, described (never made)
         self._persistent = persistent_load
         self._types: dict[str, type] = {}
         self._builders = _builders(self)
@@ -361,10 +366,10 @@ class _Unpickler(pickle.Unpickler):
         self.globals_seen.setdefault(qualname, None)
         if "." in name:
             self._hostile(qualname, f"dotted global name {name!r} (attribute lookup)")
-            return self._stand_in_type(qualname)
+            return self._stand_in_type(qualname, hostile=True)
         if (reason := hostile_reason(qualname)) is not None and qualname not in self.allow_globals:
             self._hostile(qualname, reason)
-            return self._stand_in_type(qualname)
+            return self._stand_in_type(qualname, hostile=True)
         builder = self._builders.get(qualname)
         if builder is not None:
             return builder
@@ -388,12 +393,13 @@ class _Unpickler(pickle.Unpickler):
             self.hostile.append(qualname)
             self.problems.append(f"{qualname}: {reason}")
 
-    def _stand_in_type(self, qualname: str) -> type:
+    def _stand_in_type(self, qualname: str, hostile: bool = False) -> type:
         cls = self._types.get(qualname)
         if cls is None:
             if len(self._types) >= _MAX_GLOBALS:
                 raise _Refused(f"more than {_MAX_GLOBALS} distinct globals")
-            cls = _StandInType(qualname.rpartition(".")[2], (_StandInBase,), {"qualname": qualname})
+            attrs = {"qualname": qualname, "calls": self.calls if hostile else None}
+            cls = _StandInType(qualname.rpartition(".")[2], (_StandInBase,), attrs)
             self._types[qualname] = cls
         return cls
 
@@ -497,7 +503,9 @@ def unpickle(
     except Exception as exc:  # the pickle machine reports malformed input with many types
         error = f"malformed pickle ({type(exc).__name__}: {exc})"
     if up.hostile:
-        raise UnsafeCheckpointError(where, up.hostile, detail="; ".join(up.problems))
+        raise UnsafeCheckpointError(
+            where, up.hostile, detail="; ".join(up.problems), calls=up.calls
+        )
     if error is not None:
         raise CheckpointFormatError(
             where, error, "The file is corrupt or was not written by torch/numpy; re-export it"

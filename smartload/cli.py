@@ -1,15 +1,23 @@
-"""The ``smartload`` command line. A thin layer over the library; ``main(argv) -> exit code``.
+"""The ``smartload`` command line: a thin layer over the library; ``main(argv) -> exit code``.
 
 Exit codes: 0 ok; 2 usage error; 3 the file cannot be read (corrupt, truncated, unknown format);
 4 the file is hostile (nothing was run); 5 the checkpoint does not fit the model.
+
+``inspect`` imports no torch (unless ``--scan``), so it answers in a fraction of a second.
+Output for people goes through rich (colours only on a terminal; ``NO_COLOR`` honoured); ``--json``
+prints JSON alone on stdout, and diagnostics go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from ._inspect import CheckpointInfo, TensorInfo, inspect
@@ -17,9 +25,15 @@ from ._report import group_keys
 from .errors import (
     CheckpointFormatError,
     IncompatibleCheckpointError,
+    InvalidArgumentError,
     SmartloadError,
     UnsafeCheckpointError,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._report import LoadPlan
 
 __all__ = ["main"]
 
@@ -28,33 +42,67 @@ _COLLAPSE_AT = 60
 
 _EPILOG = """\
 examples:
-  smartload inspect model_final.pth          what the file holds, and whether it is safe
+  smartload inspect model_final.pth                 format, safety, state dict, keys (no data read)
+  smartload inspect ckpt.pth --scan                 also read the data: NaN/Inf and all-zero tensors
   smartload inspect ckpt.pth --json | jq .num_params
-  smartload inspect model.safetensors --all  every key, even for large files
+  smartload diff ckpt.pth.tar --model timm:convnext_tiny --num-classes 10
+  smartload diff model_final.pth --model d2:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml \\
+      --num-classes 3 --class-map person,car,dog --source-classes coco_2017_train
+  smartload diff a.pth b.safetensors                compare two checkpoints key by key
+  smartload convert ckpt.pth model.safetensors      safe conversion (contiguous, metadata)
 
-exit codes: 0 ok, 2 usage, 3 unreadable file, 4 hostile file (nothing was run), 5 incompatible
+exit codes: 0 ok, 2 usage, 3 unreadable file, 4 hostile file (nothing was run),
+            5 the checkpoint does not fit the model
 """
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smartload",
-        description="Read PyTorch checkpoints without running code from them.",
+        description="Read PyTorch checkpoints without running code from them; plan and convert.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"smartload {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    ins = commands.add_parser(
-        "inspect",
-        help="show a checkpoint's format, safety, state dict and keys (reads no tensor data)",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    ins = command("inspect", "show a checkpoint's format, safety, state dict and keys")
     ins.add_argument("path", help="checkpoint file or directory")
     ins.add_argument("--json", action="store_true", help="print JSON on stdout")
     ins.add_argument("--all", action="store_true", help="list every key group, never collapse")
+    ins.add_argument("--scan", action="store_true", help="read the data: NaN/Inf, all-zero")
     ins.add_argument("--ema", action="store_true", help="describe the EMA weights")
+
+    dif = command("diff", "what loading a checkpoint into a model would do (nothing is written)")
+    dif.add_argument("path", help="checkpoint file or directory")
+    dif.add_argument("other", nargs="?", help="a second checkpoint to compare with")
+    dif.add_argument(
+        "--model",
+        help="timm:NAME, torchvision:NAME, d2:CONFIG (model zoo) or a detectron2 .yaml path",
+    )
+    dif.add_argument("--num-classes", type=int, help="the model's class count")
+    dif.add_argument(
+        "--class-map", help="old class per new class: indices or names, 'none' for new ones"
+    )
+    dif.add_argument("--source-classes", help="the checkpoint's label set or names (a,b,c)")
+    dif.add_argument("--ema", action="store_true", help="plan with the EMA weights")
+    dif.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+    con = command("convert", "write the checkpoint's state dict as safetensors, safely")
+    con.add_argument("path", help="checkpoint file or directory")
+    con.add_argument("out", help="the .safetensors file to write")
+    con.add_argument("--ema", action="store_true", help="convert the EMA weights")
+    con.add_argument("--allow-nonfinite", action="store_true", help="convert NaN/Inf values too")
+    con.add_argument("--json", action="store_true", help="print JSON on stdout")
     return parser
 
 
@@ -64,8 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help, --version and usage errors
         return int(exc.code or 0)
+    run: Callable[[argparse.Namespace, Console], int] = {
+        "inspect": _inspect,
+        "diff": _diff,
+        "convert": _convert,
+    }[args.command]
+    out = _console()
     try:
-        info = inspect(args.path, ema=args.ema)
+        return run(args, out)
     except UnsafeCheckpointError as exc:
         return _fail(args, exc, EXIT_UNSAFE, "unsafe")
     except CheckpointFormatError as exc:
@@ -74,75 +128,315 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, exc, EXIT_INCOMPATIBLE, "incompatible")
     except SmartloadError as exc:
         return _fail(args, exc, EXIT_USAGE, "error")
-    if args.json:
-        print(json.dumps(info.to_dict(), indent=2))
-    else:
-        print(_render(info, show_all=args.all))
-    return EXIT_OK
+
+
+def _console(stderr: bool = False) -> Console:
+    """Colours on a terminal only (rich also honours NO_COLOR); wide lines when piped."""
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, highlight=False, soft_wrap=True, width=200)
+    return console
 
 
 def _fail(args: argparse.Namespace, exc: SmartloadError, code: int, verdict: str) -> int:
+    err = _console(stderr=True)
     if args.json:
-        out = {
-            "path": args.path,
-            "safe": verdict != "unsafe",
-            "error": verdict,
-            "message": str(exc),
-        }
+        out: dict[str, Any] = {"path": args.path, "safe": verdict != "unsafe", "error": verdict}
+        out["message"] = str(exc)
         if isinstance(exc, UnsafeCheckpointError):
             out["globals"] = exc.globals
+            out["calls"] = exc.calls
+        if isinstance(exc, IncompatibleCheckpointError):
+            out["mismatches"] = [
+                {"key": k, "ckpt_shape": _list(c), "model_shape": _list(m)}
+                for k, c, m in exc.mismatches
+            ]
         print(json.dumps(out, indent=2))
-    print(f"smartload: {verdict}: {exc}", file=sys.stderr)
+    if isinstance(exc, UnsafeCheckpointError):
+        err.print(Text(f"UNSAFE {args.path}", style="bold red"))
+        err.print(f"  hostile globals: {', '.join(exc.globals)}")
+        for call in exc.calls:
+            err.print(f"  would have run:  {call}", markup=False)
+        err.print("  nothing from the file was run", markup=False)
+    err.print(Text(f"smartload: {verdict}: {exc}"), style="red" if code != EXIT_USAGE else None)
     return code
 
 
-def _render(info: CheckpointInfo, *, show_all: bool) -> str:
-    lines = [
-        f"{info.path}",
-        f"  format      {info.format}",
-        "  safety      safe: nothing in the file can run; globals: "
+def _list(shape: Sequence[int] | None) -> list[int] | None:
+    return None if shape is None else list(shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# inspect
+
+
+def _inspect(args: argparse.Namespace, out: Console) -> int:
+    info = inspect(args.path, ema=args.ema)
+    scanned = _scan(args.path, args.ema, info.nbytes, args.json) if args.scan else None
+    if args.json:
+        data = info.to_dict()
+        if scanned is not None:
+            data["scan"] = scanned
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    _render_inspect(out, info, show_all=args.all)
+    if scanned is not None:
+        _render_scan(out, scanned)
+    return EXIT_OK
+
+
+def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> None:
+    out.print(Text(info.path, style="bold"))
+    verdict = Text("SAFE", style="bold green")
+    verdict.append(
+        f"  {info.format}; nothing in the file can run; globals: "
         + (", ".join(info.globals) if info.globals else "none"),
-        f"  state dict  {_path(info.state_dict_path)}: {info.num_tensors:,} tensors, "
+        style="default",
+    )
+    out.print(verdict)
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="cyan")
+    facts.add_column()
+    facts.add_row(
+        "state dict",
+        f"{_path(info.state_dict_path)}: {info.num_tensors:,} tensors, "
         f"{info.num_params:,} parameters, {_bytes(info.nbytes)} "
         f"({', '.join(f'{d} ×{n}' for d, n in info.dtypes.items())})",
-    ]
+    )
     if info.other_state_dicts:
-        lines.append("  also        " + ", ".join(_path(p) for p in info.other_state_dicts))
+        facts.add_row("also", ", ".join(_path(p) for p in info.other_state_dicts))
     for key, value in info.extras.items():
-        lines.append(f"  {key:<11} {value}")
+        facts.add_row(key, value)
     if info.inert_globals:
-        lines.append(
-            "  inert       " + ", ".join(info.inert_globals) + " (recorded, never executed)"
-        )
+        facts.add_row("inert", ", ".join(info.inert_globals) + " (recorded, never executed)")
     for head in info.heads:
-        lines.append(
-            f"  head        {head.key}: {head.rows} rows → {head.num_classes} classes ({head.kind})"
+        facts.add_row(
+            "head", f"{head.key}: {head.rows} rows → {head.num_classes} classes ({head.kind})"
         )
     if info.shared_storages:
-        lines.append(f"  shared      {info.shared_storages} storage(s) viewed by several tensors")
+        facts.add_row("shared", f"{info.shared_storages} storage(s) viewed by several tensors")
     if info.non_contiguous:
-        lines.append(f"  strided     {len(info.non_contiguous)} non-contiguous tensor(s)")
+        facts.add_row("strided", f"{len(info.non_contiguous)} non-contiguous tensor(s)")
     for key, value in info.metadata.items():
-        lines.append(f"  metadata    {key} = {value[:80]}")
+        facts.add_row("metadata", f"{key} = {value[:80]}")
+    out.print(facts)
     rows = _key_rows(info.tensors)
-    if len(rows) > _COLLAPSE_AT and not show_all:
-        hidden = len(rows) - 40
-        rows = [*rows[:30], (f"... {hidden} more groups (--all shows them)", "", ""), *rows[-10:]]
-    width = min(max((len(r[0]) for r in rows), default=0), 70)
-    lines.append("")
-    lines.extend(f"  {k:<{width}}  {s:<18} {d}".rstrip() for k, s, d in rows)
-    return "\n".join(lines)
+    hidden = len(rows) - 40 if len(rows) > _COLLAPSE_AT and not show_all else 0
+    table = Table(box=None, padding=(0, 2), show_header=True, header_style="bold")
+    table.add_column("key")
+    table.add_column("shape")
+    table.add_column("dtype")
+    table.add_column("params", justify="right")
+    for i, row in enumerate(rows):
+        if hidden and i == 30:
+            table.add_row(Text(f"... {hidden} more groups (--all shows them)", style="dim"))
+        if hidden and 30 <= i < len(rows) - 10:
+            continue
+        table.add_row(*row)
+    out.print(table)
 
 
-def _key_rows(tensors: Mapping[str, TensorInfo]) -> list[tuple[str, str, str]]:
+def _key_rows(tensors: Mapping[str, TensorInfo]) -> list[tuple[str, str, str, str]]:
+    """One row per module and (shape, dtype): ``layer1.0.bn1.{bias, weight}``."""
     grouped: dict[tuple[str, tuple[int, ...], str], list[str]] = {}
     for key, t in tensors.items():
         grouped.setdefault((key.rpartition(".")[0], t.shape, t.dtype), []).append(key)
     rows = []
     for (_, shape, dtype), keys in grouped.items():
+        numel = tensors[keys[0]].numel
         for group in group_keys(keys):
-            rows.append((group, "[" + ", ".join(map(str, shape)) + "]", dtype))
+            count = numel * (group.count(",") + 1)
+            rows.append((group, "[" + ", ".join(map(str, shape)) + "]", dtype, f"{count:,}"))
     return rows
+
+
+def _scan(path: str, ema: bool, total: int, quiet: bool) -> dict[str, Any]:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    from ._convert import scan
+
+    err = Console(stderr=True)
+    show = not quiet and total > 64 * 1024**2 and err.is_terminal
+    with Progress(
+        "scanning", BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=err,
+        disable=not show, transient=True,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("scan", total=total)
+        found = scan(path, ema=ema, progress=lambda n: progress.advance(task, n))
+    problems = [f for f in found if f.nan or f.inf or f.all_zero]
+    return {
+        "tensors": len(found),
+        "nonfinite": {f.key: {"nan": f.nan, "inf": f.inf} for f in problems if f.nan or f.inf},
+        "all_zero": [f.key for f in problems if f.all_zero],
+    }
+
+
+def _render_scan(out: Console, scanned: Mapping[str, Any]) -> None:
+    bad, zero = scanned["nonfinite"], scanned["all_zero"]
+    style = "bold red" if bad else "bold green"
+    out.print(
+        Text(f"scan: {scanned['tensors']:,} tensors read", style=style).append(
+            f"; {len(bad)} with NaN/Inf, {len(zero)} all zero", style="default"
+        )
+    )
+    for key, counts in bad.items():
+        out.print(f"  non-finite  {key}: {counts['nan']} NaN, {counts['inf']} Inf", markup=False)
+    for group in group_keys(zero):
+        out.print(f"  all zero    {group}", markup=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# diff
+
+
+def _diff(args: argparse.Namespace, out: Console) -> int:
+    if args.other is not None:
+        if args.model:
+            raise InvalidArgumentError("give either a second checkpoint or --model, not both")
+        return _compare(args, out)
+    if not args.model:
+        raise InvalidArgumentError("diff needs --model SPEC (or a second checkpoint)")
+    import smartload
+
+    model = _build_model(args.model, args.num_classes)
+    source: Any = args.source_classes
+    if source and "," in source:
+        source = [s.strip() for s in source.split(",")]
+    plan = smartload.diff(
+        model,
+        args.path,
+        num_classes=args.num_classes,
+        class_map=_class_map(args.class_map),
+        source_classes=source,
+        ema=args.ema,
+    )
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        _render_plan(out, plan)
+    return EXIT_OK
+
+
+def _class_map(text: str | None) -> list[int | str | None] | None:
+    if not text:
+        return None
+    out: list[int | str | None] = []
+    for part in (p.strip() for p in text.split(",")):
+        out.append(
+            None if part.lower() in ("none", "-", "") else int(part) if part.isdigit() else part
+        )
+    return out
+
+
+def _build_model(spec: str, num_classes: int | None) -> torch.nn.Module:
+    try:
+        return _build(spec, num_classes)
+    except InvalidArgumentError:
+        raise
+    except Exception as exc:  # unknown names, bad configs: the frameworks raise many types
+        raise InvalidArgumentError(
+            f"--model {spec!r}: cannot build it ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _build(spec: str, num_classes: int | None) -> torch.nn.Module:
+    kind, _, name = spec.partition(":")
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if kind == "timm":
+        import timm
+
+        model: torch.nn.Module = timm.create_model(name, pretrained=False, **kwargs)
+        return model
+    if kind == "torchvision":
+        import torchvision
+
+        built: torch.nn.Module = torchvision.models.get_model(name, weights=None, **kwargs)
+        return built
+    if kind == "d2" or spec.endswith((".yaml", ".yml")):
+        from detectron2.config import get_cfg
+        from detectron2.model_zoo import get_config_file
+        from detectron2.modeling import build_model
+
+        cfg = get_cfg()
+        cfg.merge_from_file(get_config_file(name) if kind == "d2" else spec)
+        cfg.MODEL.DEVICE = "cpu"
+        if num_classes is not None:
+            cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+            cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+        return build_model(cfg)  # type: ignore[no-any-return]
+    raise InvalidArgumentError(
+        f"--model {spec!r}: use timm:NAME, torchvision:NAME, d2:CONFIG or a detectron2 .yaml path"
+    )
+
+
+def _render_plan(out: Console, plan: LoadPlan) -> None:
+    styles = {"copy": "green", "slice": "yellow", "reinit-normal": "magenta", "skip": "dim"}
+    lines = str(plan).splitlines()
+    out.print(Text(lines[0], style="bold"))
+    out.print(Text(lines[1]))
+    for line in lines[2:]:
+        action = line.split()[0] if line.startswith("  ") and line.split() else ""
+        out.print(Text(line, style=styles.get(action, "default")))
+
+
+def _compare(args: argparse.Namespace, out: Console) -> int:
+    a, b = inspect(args.path, ema=args.ema), inspect(args.other, ema=args.ema)
+    only_a = sorted(set(a.tensors) - set(b.tensors))
+    only_b = sorted(set(b.tensors) - set(a.tensors))
+    both = [k for k in a.tensors if k in b.tensors]
+    shape = [k for k in both if a.tensors[k].shape != b.tensors[k].shape]
+    dtype = [k for k in both if k not in shape and a.tensors[k].dtype != b.tensors[k].dtype]
+    result = {
+        "a": a.path,
+        "b": b.path,
+        "same": len(both) - len(shape) - len(dtype),
+        "only_in_a": only_a,
+        "only_in_b": only_b,
+        "shape_differs": {k: [list(a.tensors[k].shape), list(b.tensors[k].shape)] for k in shape},
+        "dtype_differs": {k: [a.tensors[k].dtype, b.tensors[k].dtype] for k in dtype},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    out.print(Text(f"{a.path}  vs  {b.path}", style="bold"))
+    out.print(
+        f"{result['same']:,} keys alike, {len(shape)} of another shape, {len(dtype)} of another "
+        f"dtype, {len(only_a)} only in the first, {len(only_b)} only in the second",
+        markup=False,
+    )
+    for k in shape:
+        out.print(
+            f"  shape  {k}: {list(a.tensors[k].shape)} vs {list(b.tensors[k].shape)}", markup=False
+        )
+    for k in dtype:
+        out.print(f"  dtype  {k}: {a.tensors[k].dtype} vs {b.tensors[k].dtype}", markup=False)
+    for label, keys in (("first", only_a), ("second", only_b)):
+        for group in group_keys(keys):
+            out.print(f"  only in the {label}: {group}", markup=False)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# convert
+
+
+def _convert(args: argparse.Namespace, out: Console) -> int:
+    from ._convert import convert_to_safetensors
+
+    if not args.out.endswith(".safetensors"):
+        raise InvalidArgumentError(f"{args.out}: the output must be a .safetensors file")
+    written = convert_to_safetensors(
+        args.path, args.out, ema=args.ema, allow_nonfinite=args.allow_nonfinite
+    )
+    if args.json:
+        print(json.dumps(written, indent=2))
+    else:
+        out.print(
+            f"wrote {written['out']}: {written['tensors']:,} tensors, {_bytes(written['bytes'])} "
+            f"(state dict {written['metadata']['state_dict_path'] or '(top level)'})",
+            markup=False,
+        )
+    return EXIT_OK
 
 
 def _path(path: Sequence[str]) -> str:
@@ -153,6 +447,6 @@ def _bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"

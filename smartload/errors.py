@@ -45,14 +45,18 @@ class CheckpointFormatError(SmartloadError, ValueError):
 class UnsafeCheckpointError(SmartloadError):
     """The checkpoint names globals or constructs that only a hostile file would contain.
 
-    ``globals`` lists every offending global found (``"posix.system"``, ...), in file order.
+    ``globals`` lists every offending global found (``"posix.system"``, ...), in file order;
+    ``calls`` what the file would have run with them (``"posix.system('rm -rf ~')"``), described.
     Nothing from the file was imported or called.
     """
 
-    def __init__(self, path: str, globals: Sequence[str], detail: str = "") -> None:
+    def __init__(
+        self, path: str, globals: Sequence[str], detail: str = "", calls: Sequence[str] = ()
+    ) -> None:
         self.path = path
         self.globals = list(globals)
         self.detail = detail
+        self.calls = list(calls)
         found = ", ".join(self.globals) if self.globals else "(no global)"
         message = f"{path}: refusing a hostile checkpoint: it names {found}"
         if detail:

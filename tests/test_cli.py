@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_net
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from test_hostile import protocol0_eval, reduce_in_torch_zip
 
 from smartload.cli import main
@@ -22,60 +26,112 @@ def ckpt(tmp_path: Path) -> Path:
     return path
 
 
-def test_inspect_prints_a_readable_summary(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["inspect", str(ckpt)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[:5] == [
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines()]
+
+
+def test_inspect_prints_verdict_first_then_a_grouped_table(
+    ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "inspect", str(ckpt))
+    assert code == 0
+    assert lines(out)[:5] == [
         str(ckpt),
-        "  format      torch-zip",
-        "  safety      safe: nothing in the file can run; globals: collections.OrderedDict, "
+        "SAFE  torch-zip; nothing in the file can run; globals: collections.OrderedDict, "
         "torch._utils._rebuild_tensor_v2, torch.FloatStorage, torch.LongStorage",
-        "  state dict  state_dict: 9 tensors, 347 parameters, 1.4 KB (float32 ×8, int64 ×1)",
-        "  epoch       4",
+        "state dict  state_dict: 9 tensors, 347 parameters, 1.4 KB (float32 ×8, int64 ×1)",
+        "epoch       4",
+        "head        fc.weight: 10 rows → 10 classes (classifier)",
     ]
-    assert "  head        fc.weight: 10 rows → 10 classes (classifier)" in lines
-    assert "  bn.{bias, running_mean, running_var, weight}  [8]                float32" in lines
+    table = [" ".join(line.split()) for line in lines(out)[5:]]
+    assert table == [
+        "key shape dtype params",
+        "conv.weight [8, 3, 3, 3] float32 216",
+        "conv.bias [8] float32 8",
+        "bn.{bias, running_mean, running_var, weight} [8] float32 32",
+        "bn.num_batches_tracked [] int64 1",
+        "fc.weight [10, 8] float32 80",
+        "fc.bias [10] float32 10",
+    ]
 
 
-def test_inspect_json(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["inspect", str(ckpt), "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert {k: data[k] for k in ("format", "safe", "state_dict_path", "num_tensors", "num_params")} == {
-        "format": "torch-zip", "safe": True, "state_dict_path": ["state_dict"],
-        "num_tensors": 9, "num_params": 347,
+@pytest.mark.parametrize("fmt", ["torch-legacy", "safetensors", "pickle"])
+def test_inspect_other_formats(
+    tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sd = make_net(10).state_dict()
+    path = tmp_path / "weights.bin"
+    if fmt == "torch-legacy":
+        torch.save(sd, path, _use_new_zipfile_serialization=False)
+    elif fmt == "safetensors":
+        save_file(sd, str(path))
+    else:
+        path.write_bytes(
+            pickle.dumps({"model": {k: v.numpy() for k, v in sd.items()}, "__author__": "x"})
+        )
+    code, out, _ = run(capsys, "inspect", str(path), "--json")
+    data = json.loads(out)
+    assert (code, data["format"], data["num_tensors"], data["num_params"]) == (0, fmt, 9, 347)
+
+
+def test_inspect_json_field_by_field(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "inspect", str(ckpt), "--json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    assert {k: v for k, v in data.items() if k != "tensors"} == {
+        "path": str(ckpt), "format": "torch-zip", "safe": True, "state_dict_path": ["state_dict"],
+        "other_state_dicts": [], "num_tensors": 9, "num_params": 347, "nbytes": 1392,
+        "dtypes": {"float32": 8, "int64": 1},
+        "heads": [{"key": "fc.weight", "rows": 10, "num_classes": 10, "kind": "classifier"}],
+        "extras": {"epoch": "4"},
+        "globals": ["collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage", "torch.LongStorage"],
+        "inert_globals": [], "metadata": {}, "shared_storages": 0, "non_contiguous": [],
     }  # fmt: skip
     assert data["tensors"]["fc.weight"] == {"shape": [10, 8], "dtype": "float32"}
-    assert data["extras"] == {"epoch": "4"}
-    assert data["dtypes"] == {"float32": 8, "int64": 1}
 
 
-def test_hostile_file_exits_4_naming_the_globals(
+def test_hostile_file_exits_4_saying_what_it_would_have_run(
     tmp_path: Path, touch: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = reduce_in_torch_zip(tmp_path, touch)
-    assert main(["inspect", str(path), "--json"]) == 4
-    captured = capsys.readouterr()
-    data = json.loads(captured.out)
-    assert (data["safe"], data["error"], data["globals"]) == (False, "unsafe", ["posix.system"])
-    assert captured.err.startswith(
-        f"smartload: unsafe: {path}:archive/data.pkl: refusing a hostile checkpoint: it names posix.system"
-    )
+    code, out, err = run(capsys, "inspect", str(path), "--json")
+    assert code == 4
+    data = json.loads(out)
+    assert (data["safe"], data["error"], data["globals"], data["calls"]) == (
+        False, "unsafe", ["posix.system"], [f"posix.system('{touch}')"]
+    )  # fmt: skip
+    code, out, err = run(capsys, "inspect", str(path))
+    assert (code, out) == (4, "")
+    assert lines(err)[:4] == [
+        f"UNSAFE {path}",
+        "  hostile globals: posix.system",
+        f"  would have run:  posix.system('{touch}')",
+        "  nothing from the file was run",
+    ]
 
 
 def test_unreadable_file_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "empty.pt"
     path.write_bytes(b"")
-    assert main(["inspect", str(path)]) == 3
+    code, out, err = run(capsys, "inspect", str(path))
+    assert (code, out) == (3, "")
     assert (
-        capsys.readouterr().err
-        == f"smartload: unreadable: {path}: empty file (0 bytes). The download or save failed\n"
+        err == f"smartload: unreadable: {path}: empty file (0 bytes). The download or save failed\n"
     )
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 2
-    assert main(["--version"]) == 0
-    assert capsys.readouterr().out == "smartload 0.1.0\n"
+    assert run(capsys, "inspect")[0] == 2
+    assert run(capsys, "diff", "x.pth")[0] == 2  # no --model and no second file
+    assert run(capsys, "--version")[1] == "smartload 0.1.0\n"
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "exit codes: 0 ok, 2 usage, 3 unreadable file, 4 hostile file" in out
 
 
 def test_large_checkpoints_collapse_unless_all(
@@ -83,12 +139,152 @@ def test_large_checkpoints_collapse_unless_all(
 ) -> None:
     path = tmp_path / "big.pth"
     torch.save({f"blocks.{i}.attn.qkv.weight": torch.zeros(1, i + 1) for i in range(1200)}, path)
-    assert main(["inspect", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "  ... 1160 more groups (--all shows them)" in out.splitlines()
-    assert len(out.splitlines()) < 60
-    assert main(["inspect", str(path), "--all"]) == 0
-    assert "blocks.600.attn.qkv.weight" in capsys.readouterr().out
+    code, out, _ = run(capsys, "inspect", str(path))
+    assert code == 0
+    assert "  ... 1160 more groups (--all shows them)" in lines(out)
+    assert len(lines(out)) == 3 + 1 + 30 + 1 + 10  # facts, header, rows, "...", rows
+    code, out, _ = run(capsys, "inspect", str(path), "--all")
+    assert len(lines(out)) == 3 + 1 + 1200
+
+
+def test_scan_reports_nonfinite_and_all_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sd = dict(make_net(10).state_dict())
+    sd["conv.weight"][0, 0, 0, :2] = torch.tensor([float("nan"), float("inf")])
+    sd["fc.bias"] = torch.zeros(10)
+    path = tmp_path / "broken.pth"
+    torch.save(sd, path)
+    code, out, _ = run(capsys, "inspect", str(path), "--scan", "--json")
+    assert code == 0
+    assert json.loads(out)["scan"] == {
+        "tensors": 9,
+        "nonfinite": {"conv.weight": {"nan": 1, "inf": 1}},
+        "all_zero": ["bn.bias", "fc.bias"],  # BatchNorm's bias starts at zero
+    }
+    code, out, _ = run(capsys, "inspect", str(path), "--scan")
+    assert lines(out)[-4:] == [
+        "scan: 9 tensors read; 1 with NaN/Inf, 2 all zero",
+        "  non-finite  conv.weight: 1 NaN, 1 Inf",
+        "  all zero    bn.bias",
+        "  all zero    fc.bias",
+    ]
+
+
+def test_diff_timm_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import timm
+
+    path = tmp_path / "r18.pth.tar"
+    torch.save({"state_dict": timm.create_model("resnet18").state_dict()}, path)
+    code, out, _ = run(
+        capsys, "diff", str(path), "--model", "timm:resnet18", "--num-classes", "10", "--json"
+    )
+    data = json.loads(out)
+    assert code == 0
+    assert data["adapter"] == "timm"
+    assert data["summary"] == {
+        "copy": 120, "slice": 0, "reinit-normal": 2, "skip": 0, "unused": 0,
+        "reused_params": 11186132, "model_params": 11191262,
+    }  # fmt: skip
+    code, out, _ = run(capsys, "diff", str(path), "--model", "timm:resnet18", "--num-classes", "3",
+                       "--class-map", "1,none,2", "--source-classes", "imagenet-1k")  # fmt: skip
+    assert code == 0
+    assert lines(out)[:3] == [
+        f"plan for {path} (torch-zip, state dict: state_dict, adapter: timm)",
+        "reused 11,187,158/11,187,671 parameters (99.9%) from r18.pth.tar: 120 copy, 2 slice",
+        "head fc: 1000 → 3 classes, 2 taken from the checkpoint",
+    ]
+
+
+def test_diff_that_would_fail_exits_5_listing_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torchvision
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    code, out, err = run(capsys, "diff", str(path), "--model", "torchvision:resnet18:", "--json")
+    assert code == 2 and "--model" in err  # a malformed name is a usage error
+    code, out, err = run(capsys, "diff", str(path), "--model", "torchvision:resnet34", "--json")
+    assert code == 0  # resnet34 keys are a superset: missing ones are skipped, none mismatch
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), path)
+    code, out, err = run(capsys, "diff", str(path), "--model", "torchvision:resnet18", "--json")
+    assert code == 5
+    assert json.loads(out)["mismatches"] == [
+        {"key": "fc.weight", "ckpt_shape": [5, 512], "model_shape": [1000, 512]},
+        {"key": "fc.bias", "ckpt_shape": [5], "model_shape": [1000]},
+    ]
+    assert "smartload: incompatible: cannot load 2 key(s)" in err
+
+
+def test_diff_detectron2_config_with_class_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("detectron2")
+    from test_detectron2 import FASTER, make_model
+
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": make_model(FASTER).state_dict(), "iteration": 1}, path)
+    code, out, _ = run(capsys, "diff", str(path), "--model", f"d2:{FASTER}", "--num-classes", "3",
+                       "--class-map", "person,car,dog", "--source-classes", "coco_2017_train", "--json")  # fmt: skip
+    data = json.loads(out)
+    assert code == 0
+    assert [(h["name"], h["class_map"]) for h in data["heads"]] == [
+        ("roi_heads.box_predictor.cls_score", [0, 2, 16]),
+        ("roi_heads.box_predictor.bbox_pred", [0, 2, 16]),
+    ]
+
+
+def test_diff_two_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.pth", tmp_path / "b.safetensors"
+    sd = make_net(10).state_dict()
+    torch.save(sd, a)
+    other = {k: v for k, v in make_net(5).state_dict().items() if not k.startswith("bn.running")}
+    other["conv.weight"] = other["conv.weight"].half()
+    other["extra"] = torch.zeros(1)
+    save_file(other, str(b))
+    code, out, _ = run(capsys, "diff", str(a), str(b), "--json")
+    assert code == 0
+    assert json.loads(out) == {
+        "a": str(a), "b": str(b), "same": 4,
+        "only_in_a": ["bn.running_mean", "bn.running_var"], "only_in_b": ["extra"],
+        "shape_differs": {"fc.weight": [[10, 8], [5, 8]], "fc.bias": [[10], [5]]},
+        "dtype_differs": {"conv.weight": ["float32", "float16"]},
+    }  # fmt: skip
+
+
+def test_convert_to_safetensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    sd = {"a": base[1:3], "b": base.t(), "c": base, "h": torch.ones(3, dtype=torch.bfloat16)}
+    src, out = tmp_path / "views.pth", tmp_path / "out.safetensors"
+    torch.save({"model": sd, "epoch": 1}, src)
+    code, stdout, _ = run(capsys, "convert", str(src), str(out), "--json")
+    assert code == 0
+    assert json.loads(stdout)["tensors"] == 4
+    loaded = load_file(str(out))
+    assert loaded.keys() == sd.keys()
+    for key, value in sd.items():
+        assert torch.equal(loaded[key], value) and loaded[key].dtype == value.dtype, key
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"format": "pt", "source": "views.pth", "state_dict_path": "model",
+                                "converted_by": "smartload 0.1.0"}  # fmt: skip
+
+
+def test_convert_refuses_what_load_refuses(
+    tmp_path: Path, touch: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.safetensors"
+    hostile = reduce_in_torch_zip(tmp_path, touch)
+    assert run(capsys, "convert", str(hostile), str(out))[0] == 4
+    sd = make_net(10).state_dict()
+    sd["fc.bias"][0] = float("nan")
+    broken = tmp_path / "nan.pth"
+    torch.save(sd, broken)
+    code, _, err = run(capsys, "convert", str(broken), str(out))
+    assert code == 3 and "non-finite values in 1 tensor(s): fc.bias" in err
+    assert not out.exists() and list(tmp_path.glob(".smartload-*")) == []
+    assert run(capsys, "convert", str(broken), str(out), "--allow-nonfinite")[0] == 0
+    assert np.isnan(load_file(str(out))["fc.bias"][0].item())
 
 
 def test_subprocess_never_imports_torch_and_runs_nothing(
@@ -115,3 +311,4 @@ def test_subprocess_never_imports_torch_and_runs_nothing(
         [sys.executable, "-m", "smartload", "inspect", str(ckpt)], capture_output=True, text=True
     )
     assert same.returncode == 0 and same.stdout == via_module.stdout
+    assert "\x1b[" not in same.stdout  # no colours when piped

@@ -1,0 +1,129 @@
+"""Checkpoint → safetensors, and a value scan: the tools behind ``smartload convert`` / ``--scan``."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import __version__
+from ._formats import _SAFETENSORS_DTYPES
+from ._plan import open_checkpoint
+from ._tensors import Materializer
+from .errors import CheckpointFormatError
+
+__all__ = ["TensorScan", "convert_to_safetensors", "scan"]
+
+_CODES = {name: code for code, name in _SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorScan:
+    key: str
+    nan: int
+    inf: int
+    all_zero: bool
+
+
+def _tensors(
+    path: str, *, ema: bool, state_dict_path: Sequence[str] | None
+) -> tuple[str, Iterator[tuple[str, torch.Tensor]]]:
+    """Where the state dict sits, and its tensors (memory-mapped, zip CRCs checked) one by one."""
+    ckpt = open_checkpoint(path, ema=ema, state_dict_path=state_dict_path)
+    materializer = Materializer(ckpt.sources, verify_crc=True)
+    items = ((key, materializer.tensor(leaf)) for key, leaf in ckpt.tensors.items())
+    return "/".join(ckpt.state_dict_path), items
+
+
+def scan(
+    path: str,
+    *,
+    ema: bool = False,
+    state_dict_path: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[TensorScan]:
+    """Read every tensor (checking zip CRCs) and count NaN/Inf, and note all-zero tensors."""
+    out = []
+    for key, t in _tensors(path, ema=ema, state_dict_path=state_dict_path)[1]:
+        nan = inf = 0
+        if t.is_floating_point() or t.is_complex():
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        all_zero = t.numel() > 0 and not bool(t.any())
+        out.append(TensorScan(key, nan, inf, all_zero))
+        if progress is not None:
+            progress(t.numel() * t.element_size())
+    return out
+
+
+def convert_to_safetensors(
+    path: str,
+    out: str,
+    *,
+    ema: bool = False,
+    state_dict_path: Sequence[str] | None = None,
+    allow_nonfinite: bool = False,
+) -> dict[str, Any]:
+    """Write the checkpoint's state dict to ``out`` as safetensors; returns what was written.
+
+    Reads like :func:`smartload.load` (and refuses what it refuses, non-finite values included
+    unless ``allow_nonfinite``). Every tensor is written contiguous and on its own, so views of one
+    storage become separate tensors. The file appears atomically.
+    """
+    entries: list[tuple[str, torch.Tensor]] = []
+    broken = []
+    location, tensors = _tensors(path, ema=ema, state_dict_path=state_dict_path)
+    for key, t in tensors:
+        if t.dtype not in _TORCH_CODES:
+            raise CheckpointFormatError(
+                path, f"tensor {key!r} has dtype {t.dtype}, which safetensors lacks"
+            )
+        if not allow_nonfinite and (t.is_floating_point() and not bool(torch.isfinite(t).all())):
+            broken.append(key)
+        entries.append((key, t))
+    if broken:
+        raise CheckpointFormatError(
+            path,
+            f"non-finite values in {len(broken)} tensor(s): {', '.join(broken[:10])}",
+            "Nothing was written. Pass --allow-nonfinite to convert them anyway",
+        )
+    metadata = {
+        "format": "pt",
+        "source": os.path.basename(path),
+        "state_dict_path": location,
+        "converted_by": f"smartload {__version__}",
+    }
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key, t in entries:
+        nbytes = t.numel() * t.element_size()
+        header[key] = {
+            "dtype": _TORCH_CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data area starts 8-byte aligned
+    folder = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(prefix=".smartload-", suffix=".safetensors", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for _, t in entries:
+                if t.numel():
+                    f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return {"out": out, "tensors": len(entries), "bytes": offset, "metadata": metadata}
+
+
+_TORCH_CODES = {getattr(torch, name): code for name, code in _CODES.items() if hasattr(torch, name)}
