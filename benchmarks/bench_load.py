@@ -160,6 +160,19 @@ def run(loader: str, case: str, layers: int) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def _cli_run(path: Path) -> tuple[float, float]:
+    """Wall time and peak RSS (MB) of the console script on ``path``, output discarded."""
+    script = Path(sys.executable).with_name("smartload")
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(script), "inspect", str(path)], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"smartload inspect {path} exited {proc.returncode}")
+    return wall, usage.ru_maxrss / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=1.5)
@@ -203,6 +216,13 @@ def main() -> None:
                 f"{anon:8.1f} {med / best:12.2f}×"
             )
     print()
+    for fmt in ("pth", "safetensors"):
+        cli = [_cli_run(DATA / f"model-{layers}.{fmt}") for _ in range(args.repeat)]
+        walls = sorted(w for w, _ in cli)
+        print(
+            f"`smartload inspect model.{fmt}` as a user runs it (process start to exit): "
+            f"median {statistics.median(walls) * 1000:.0f} ms, max RSS {max(r for _, r in cli):.0f} MB"
+        )
     for loader in INSPECTS:
         walls = [r["wall"] for r in results[(loader, "-")]]
         print(f"{loader}: median {statistics.median(walls) * 1000:.1f} ms "

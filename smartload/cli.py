@@ -197,28 +197,27 @@ def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> No
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="cyan")
     facts.add_column()
-    facts.add_row(
+    fact = _plain_row(facts)
+    fact(
         "state dict",
         f"{_path(info.state_dict_path)}: {info.num_tensors:,} tensors, "
         f"{info.num_params:,} parameters, {_bytes(info.nbytes)} "
         f"({', '.join(f'{d} ×{n}' for d, n in info.dtypes.items())})",
     )
     if info.other_state_dicts:
-        facts.add_row("also", ", ".join(_path(p) for p in info.other_state_dicts))
+        fact("also", ", ".join(_path(p) for p in info.other_state_dicts))
     for key, value in info.extras.items():
-        facts.add_row(key, value)
+        fact(key, value)
     if info.inert_globals:
-        facts.add_row("inert", ", ".join(info.inert_globals) + " (recorded, never executed)")
+        fact("inert", ", ".join(info.inert_globals) + " (recorded, never executed)")
     for head in info.heads:
-        facts.add_row(
-            "head", f"{head.key}: {head.rows} rows → {head.num_classes} classes ({head.kind})"
-        )
+        fact("head", f"{head.key}: {head.rows} rows → {head.num_classes} classes ({head.kind})")
     if info.shared_storages:
-        facts.add_row("shared", f"{info.shared_storages} storage(s) viewed by several tensors")
+        fact("shared", f"{info.shared_storages} storage(s) viewed by several tensors")
     if info.non_contiguous:
-        facts.add_row("strided", f"{len(info.non_contiguous)} non-contiguous tensor(s)")
+        fact("strided", f"{len(info.non_contiguous)} non-contiguous tensor(s)")
     for key, value in info.metadata.items():
-        facts.add_row("metadata", f"{key} = {value[:80]}")
+        fact("metadata", f"{key} = {value[:80]}")
     out.print(facts)
     rows = _key_rows(info.tensors)
     hidden = len(rows) - 40 if len(rows) > _COLLAPSE_AT and not show_all else 0
@@ -232,8 +231,17 @@ def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> No
             table.add_row(Text(f"... {hidden} more groups (--all shows them)", style="dim"))
         if hidden and 30 <= i < len(rows) - 10:
             continue
-        table.add_row(*row)
+        _plain_row(table)(*row)
     out.print(table)
+
+
+def _plain_row(table: Table) -> Callable[..., None]:
+    """Add a row of text from the file: never read as rich markup (``[inert]`` is not a tag)."""
+
+    def add(*cells: str) -> None:
+        table.add_row(*(Text(cell) for cell in cells))
+
+    return add
 
 
 def _key_rows(tensors: Mapping[str, TensorInfo]) -> list[tuple[str, str, str, str]]:

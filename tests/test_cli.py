@@ -312,3 +312,16 @@ def test_subprocess_never_imports_torch_and_runs_nothing(
     )
     assert same.returncode == 0 and same.stdout == via_module.stdout
     assert "\x1b[" not in same.stdout  # no colours when piped
+
+
+def test_text_from_the_file_is_never_read_as_markup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    path = tmp_path / "train.pth"
+    torch.save({"state_dict": {"[bold]w": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, path)
+    code, out, _ = run(capsys, "inspect", str(path))
+    assert code == 0
+    assert "args        argparse.Namespace [inert, not executed]" in lines(out)
+    assert any(line.startswith("  [bold]w") for line in lines(out))
