@@ -16,20 +16,15 @@ from .errors import InvalidArgumentError
 
 __all__ = ["CheckpointInfo", "TensorInfo", "inspect"]
 
-# Keys that are classifier/detector heads in the frameworks users load from, with the rows the
-# background class adds.
-_HEAD_PATTERNS: tuple[tuple[str, int, str], ...] = (
-    (
-        r"(^|\.)roi_heads\.box_predictor\.(\d+\.)?cls_score\.weight$",
-        1,
-        "detectron2 (background last)",
-    ),
-    (
-        r"(^|\.)(fc|classifier|head|head\.fc|heads\.head|last_linear|head_dist)\.weight$",
-        0,
-        "classifier",
-    ),
-    (r"(^|\.)classifier\.\d+\.weight$", 0, "classifier"),
+# Keys that are classifier/detector heads in the frameworks users load from:
+# (pattern, rows the background class adds, rows per class, what it is).
+_D2_BOX = r"(^|\.)roi_heads\.box_predictor\.(\d+\.)?cls_score\.weight$"
+_CLASSIFIER = r"(^|\.)(fc|classifier|head|head\.fc|heads\.head|last_linear|head_dist)\.weight$"
+_HEAD_PATTERNS: tuple[tuple[str, int, int, str], ...] = (
+    (_D2_BOX, 1, 1, "detectron2 (background last)"),
+    (r"^head\.cls_score\.weight$", 0, 9, "detectron2 RetinaNet (9 anchors assumed)"),
+    (_CLASSIFIER, 0, 1, "classifier"),
+    (r"(^|\.)classifier\.\d+\.weight$", 0, 1, "classifier"),
 )
 
 
@@ -174,9 +169,9 @@ def inspect(
 def _guess_heads(tensors: Mapping[str, TensorInfo]) -> list[HeadGuess]:
     out = []
     for key, info in tensors.items():
-        for pattern, background, kind in _HEAD_PATTERNS:
+        for pattern, background, per_class, kind in _HEAD_PATTERNS:
             if re.search(pattern, key) and len(info.shape) >= 2:
                 rows = info.shape[0]
-                out.append(HeadGuess(key, rows, rows - background, kind))
+                out.append(HeadGuess(key, rows, (rows - background) // per_class, kind))
                 break
     return out

@@ -233,6 +233,11 @@ def test_diff_detectron2_config_with_class_names(
         ("roi_heads.box_predictor.cls_score", [0, 2, 16]),
         ("roi_heads.box_predictor.bbox_pred", [0, 2, 16]),
     ]
+    code, out, _ = run(capsys, "inspect", str(path), "--json")
+    assert json.loads(out)["heads"] == [
+        {"key": "roi_heads.box_predictor.cls_score.weight", "rows": 81, "num_classes": 80,
+         "kind": "detectron2 (background last)"}
+    ]  # fmt: skip
 
 
 def test_diff_two_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
