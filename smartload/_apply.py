@@ -8,9 +8,9 @@ from collections.abc import Mapping
 
 import torch
 
+from ._records import DTYPE_ITEMSIZE
 from ._report import LoadPlan, PlanEntry
 from ._tensors import Materializer
-from ._unpickler import DTYPE_ITEMSIZE
 from .errors import CheckpointFormatError, InvalidArgumentError
 
 __all__ = ["apply_plan"]

@@ -20,15 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ._unpickler import (
-    DTYPE_ITEMSIZE,
-    MAX_NDIM,
-    MAX_NUMEL,
-    StorageRef,
-    TensorRecord,
-    brief,
-    unpickle,
-)
+from ._records import DTYPE_ITEMSIZE, MAX_NDIM, MAX_NUMEL, Refused, StorageRef, TensorRecord, brief
+from ._unpickler import Marker, unpickle
 from .errors import CheckpointFormatError
 
 __all__ = ["RawCheckpoint", "Source", "read"]
@@ -276,28 +269,26 @@ def _member_bytes(
 
 
 def _storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
-    from ._unpickler import _Marker, _Refused, brief
-
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
-        raise _Refused(f"an unknown persistent id ({brief(pid)})")
+        raise Refused(f"an unknown persistent id ({brief(pid)})")
     _, storage_type, key, location, numel = pid[:5]
     if len(pid) == 6 and pid[5] is not None:
-        raise _Refused("a legacy storage view (not supported)")
+        raise Refused("a legacy storage view (not supported)")
     if not (
-        isinstance(storage_type, _Marker)
+        isinstance(storage_type, Marker)
         and storage_type.qualname.endswith("Storage")
         and storage_type.value in DTYPE_ITEMSIZE
     ):
-        raise _Refused(f"a persistent id with storage type {brief(storage_type)}")
+        raise Refused(f"a persistent id with storage type {brief(storage_type)}")
     if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
-        raise _Refused("a malformed storage persistent id")
+        raise Refused("a malformed storage persistent id")
     if not 0 <= numel < 2**48 or "/" in key or key.startswith(".") or len(key) > 64:
-        raise _Refused(f"a storage {brief(key)} of {brief(numel)} elements")
+        raise Refused(f"a storage {brief(key)} of {brief(numel)} elements")
     ref = storages.get(key)
     if ref is None:
         ref = storages[key] = StorageRef(key, storage_type.value, numel, location)
     elif ref.nbytes != numel * DTYPE_ITEMSIZE[storage_type.value]:
-        raise _Refused(f"storage {key!r} declared twice with different sizes")
+        raise Refused(f"storage {key!r} declared twice with different sizes")
     return ref
 
 

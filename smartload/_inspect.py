@@ -11,7 +11,8 @@ from typing import Any
 
 from ._formats import read
 from ._normalize import choose_state_dict, describe_extras, find_state_dicts, leaf_dtype, leaf_shape
-from ._unpickler import DTYPE_ITEMSIZE, TensorRecord, inert_globals
+from ._records import DTYPE_ITEMSIZE, TensorRecord
+from ._unpickler import inert_globals
 from .errors import InvalidArgumentError
 
 __all__ = ["CheckpointInfo", "TensorInfo", "inspect"]

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._unpickler import ArrayRecord, StandIn, TensorRecord, brief
+from ._records import ArrayRecord, StandIn, TensorRecord, brief
 from .errors import CheckpointFormatError, InvalidArgumentError
 
 __all__ = [

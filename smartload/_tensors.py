@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ._formats import Source
-from ._unpickler import ArrayRecord, TensorRecord
+from ._records import ArrayRecord, TensorRecord
 from .errors import CheckpointFormatError
 
 __all__ = ["Materializer", "torch_dtype"]

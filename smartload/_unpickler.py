@@ -25,9 +25,24 @@ import _compat_pickle
 import pickle
 import pickletools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from ._hostile import hostile_reason
+from ._records import (
+    DTYPE_ITEMSIZE,
+    MAX_NDIM,
+    MAX_NUMEL,
+    NUMPY_CHAR_CODES,
+    NUMPY_DTYPES,
+    STORAGE_DTYPES,
+    TORCH_DTYPE_ALIASES,
+    ArrayRecord,
+    Refused,
+    StandIn,
+    StorageRef,
+    TensorRecord,
+    brief,
+)
 from .errors import CheckpointFormatError, UnsafeCheckpointError
 
 __all__ = [
@@ -39,202 +54,6 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------------
-# dtypes (names as torch spells them; itemsize in bytes)
-
-DTYPE_ITEMSIZE: dict[str, int] = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
-    "complex128": 16, "complex64": 8, "complex32": 4,
-    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
-    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
-    "float8_e8m0fnu": 1,
-}  # fmt: skip
-
-_TORCH_DTYPE_ALIASES = {
-    "float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
-    "short": "int16", "cfloat": "complex64", "cdouble": "complex128", "chalf": "complex32",
-}  # fmt: skip
-
-_STORAGE_DTYPES = {
-    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
-}  # fmt: skip
-
-# numpy dtype codes (kind + itemsize) to torch dtype names
-_NUMPY_DTYPES = {
-    "f8": "float64", "f4": "float32", "f2": "float16", "c16": "complex128", "c8": "complex64",
-    "i8": "int64", "i4": "int32", "i2": "int16", "i1": "int8",
-    "u8": "uint64", "u4": "uint32", "u2": "uint16", "u1": "uint8", "b1": "bool",
-}  # fmt: skip
-_NUMPY_CHAR_CODES = {
-    "d": "f8", "f": "f4", "e": "f2", "D": "c16", "F": "c8", "q": "i8", "l": "i8", "i": "i4",
-    "h": "i2", "b": "i1", "Q": "u8", "L": "u8", "I": "u4", "H": "u2", "B": "u1", "?": "b1",
-    "float64": "f8", "float32": "f4", "float16": "f2", "int64": "i8", "int32": "i4",
-    "int16": "i2", "int8": "i1", "uint8": "u1", "bool": "b1",
-}  # fmt: skip
-
-# --------------------------------------------------------------------------------------------------
-# what the hostile list contains (judged on the module's top-level package, or exact names)
-
-_HOSTILE_PACKAGES = frozenset(
-    """os posix nt posixpath ntpath subprocess _posixsubprocess sys importlib imp runpy pickle
-    _pickle cPickle pickletools marshal ctypes _ctypes pty socket _socket shutil timeit cProfile
-    profile pstats pydoc pip code codeop webbrowser multiprocessing threading _thread signal
-    tempfile glob io _io commands popen2 platform asyncio bdb pdb trace site zipimport types
-    inspect gc ensurepip venv distutils setuptools pkg_resources requests urllib urllib2 urllib3
-    http httplib ftplib smtplib telnetlib xmlrpc shelve dill cloudpickle joblib operator _operator
-    sysconfig linecache dbm sqlite3 ssl select selectors mmap resource fcntl""".split()
-)
-_HOSTILE_PREFIXES = (
-    "torch.jit", "torch.hub", "torch.package", "torch.serialization", "torch.fx", "torch.ops",
-    "torch._ops", "torch._dynamo", "torch._inductor", "torch.multiprocessing", "torch.distributed",
-    "torch.utils.cpp_extension", "torch.utils.data", "torch._C", "torch.cuda", "torch.compiler",
-    "torch.export", "torch._export", "torch.library", "torch._library",
-    "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib", "numpy.lib.npyio",
-    "numpy.lib._npyio_impl", "numpy.lib.format", "numpy.lib.utils", "numpy.lib._utils_impl",
-    "numpy.lib.format",
-)  # fmt: skip
-_HOSTILE_EXACT = frozenset(
-    """torch.load torch.storage._load_from_bytes torch.compile torch.save functools.partial
-    functools.reduce functools.partialmethod functools.wraps functools.update_wrapper copyreg.__newobj__
-    copyreg.__newobj_ex__ copyreg._reconstructor_unsafe numpy.load numpy.loadtxt numpy.genfromtxt
-    numpy.fromfile numpy.memmap numpy.save numpy.savez numpy.savez_compressed numpy.savetxt
-    numpy.fromregex numpy.frompyfunc numpy.vectorize numpy.piecewise numpy.apply_along_axis
-    numpy.apply_over_axes collections.namedtuple""".split()
-)
-_BENIGN_BUILTINS = frozenset(
-    """set frozenset list dict tuple str bytes bytearray int float complex bool slice range
-    object Ellipsis NotImplemented unicode long basestring""".split()
-)
-
-
-def hostile_reason(qualname: str) -> str | None:
-    """Why ``module.name`` is on the hostile list, or None if it is not."""
-    module, _, name = qualname.rpartition(".")
-    top = module.split(".", 1)[0]
-    if top in ("builtins", "__builtin__", "__builtins__"):
-        return None if name in _BENIGN_BUILTINS else "builtin that can run code or touch files"
-    if top in _HOSTILE_PACKAGES:
-        return f"module {top!r} can run code or touch the system"
-    if qualname in _HOSTILE_EXACT or name.startswith("__") or module.startswith("__"):
-        return "callable that can run code or load another pickle"
-    if any(module == p or module.startswith(p + ".") or qualname == p for p in _HOSTILE_PREFIXES):
-        return "callable that can run code or load another pickle"
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# records
-
-
-class _Refused(Exception):
-    """Raised inside the pickle machine; turned into a smartload error by :func:`unpickle`."""
-
-    def __init__(self, message: str, hostile: str | None = None) -> None:
-        super().__init__(message)
-        self.hostile = hostile
-
-
-class _Sealed:
-    """BUILD would write straight into a record's ``__dict__`` (past ``frozen=True``): refuse it."""
-
-    def __setstate__(self, state: Any) -> None:
-        raise _Refused(f"BUILD applied to a {type(self).__name__}")
-
-
-def brief(value: Any, limit: int = 40) -> str:
-    """A bounded description of a value from the file (its repr may be huge or deep)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value) if abs(value) < 10**18 else f"an integer of {value.bit_length()} bits"
-    if isinstance(value, str):
-        return repr(value[:limit]) + ("..." if len(value) > limit else "")
-    if isinstance(value, tuple | list | dict | set | frozenset):
-        return f"a {type(value).__name__} of {len(value)}"
-    return f"a {getattr(value, 'qualname', type(value).__name__)}"
-
-
-@dataclass(frozen=True)
-class StorageRef(_Sealed):
-    """A storage in the file: where its bytes are is up to the format reader (``key``)."""
-
-    key: str
-    dtype: str
-    numel: int
-    location: str
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_ITEMSIZE[self.dtype]
-
-
-@dataclass(frozen=True)
-class TensorRecord(_Sealed):
-    """A tensor in a torch pickle: a view into a storage. No data is read to make one."""
-
-    storage: StorageRef
-    offset: int  # in elements of ``dtype``
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: str
-    requires_grad: bool = False
-    is_parameter: bool = False
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_ITEMSIZE[self.dtype]
-
-    def is_contiguous(self) -> bool:
-        expected = 1
-        for size, stride in zip(reversed(self.shape), reversed(self.stride), strict=True):
-            if size != 1 and stride != expected:
-                return False
-            expected *= size
-        return True
-
-
-@dataclass(frozen=True)
-class ArrayRecord(_Sealed):
-    """A numpy array pickled inline (detectron2 ``.pkl``). ``data`` is None in symbolic mode."""
-
-    dtype: str  # torch-style name
-    numpy_dtype: str  # e.g. "<f4"
-    shape: tuple[int, ...]
-    fortran: bool
-    data: bytes | None
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-@dataclass
-class StandIn:
-    """An inert record of an object the pickle would have built from a non-allowlisted global."""
-
-    qualname: str
-    args: tuple[Any, ...] = ()
-    state: Any = None
-    items: dict[Any, Any] = field(default_factory=dict)
-    listitems: list[Any] = field(default_factory=list)
-
-    def describe(self) -> str:
-        return f"{self.qualname}(...) [not executed]"
-
-
-# --------------------------------------------------------------------------------------------------
 # what find_class hands to the pickle machine
 
 
@@ -244,7 +63,7 @@ class _NoBuild:
     qualname = "?"
 
     def __setstate__(self, state: Any) -> None:
-        raise _Refused(f"BUILD applied to the global {self.qualname}", hostile=self.qualname)
+        raise Refused(f"BUILD applied to the global {self.qualname}", hostile=self.qualname)
 
 
 class _Builder(_NoBuild):
@@ -258,7 +77,7 @@ class _Builder(_NoBuild):
         return self._fn(*args)
 
 
-class _Marker(_NoBuild):
+class Marker(_NoBuild):
     """A global that is only data: a storage type, a dtype, ``torch.Tensor``."""
 
     def __init__(self, qualname: str, value: str) -> None:
@@ -266,7 +85,7 @@ class _Marker(_NoBuild):
         self.value = value
 
     def __call__(self, *args: Any) -> Any:
-        raise _Refused(f"the pickle calls {self.qualname}, which is only data")
+        raise Refused(f"the pickle calls {self.qualname}, which is only data")
 
 
 class _StateDict(dict):  # type: ignore[type-arg]
@@ -276,7 +95,7 @@ class _StateDict(dict):  # type: ignore[type-arg]
 
     def __setstate__(self, state: Any) -> None:
         if not (isinstance(state, dict) and set(state) <= {"_metadata"}):
-            raise _Refused("BUILD on an OrderedDict with state other than _metadata")
+            raise Refused("BUILD on an OrderedDict with state other than _metadata")
         self._metadata = state.get("_metadata")
 
 
@@ -303,7 +122,7 @@ class _StandInBuild:
             qualname = objtype.qualname
 
             def refuse(state: Any) -> None:
-                raise _Refused(f"BUILD applied to the global {qualname}", hostile=qualname)
+                raise Refused(f"BUILD applied to the global {qualname}", hostile=qualname)
 
             return refuse
 
@@ -386,7 +205,7 @@ class _Unpickler(pickle.Unpickler):
     # -- helpers ------------------------------------------------------------------------------
 
     def refuse(self, message: str) -> Any:
-        raise _Refused(message)
+        raise Refused(message)
 
     def _hostile(self, qualname: str, reason: str) -> None:
         if qualname not in self.hostile:
@@ -397,7 +216,7 @@ class _Unpickler(pickle.Unpickler):
         cls = self._types.get(qualname)
         if cls is None:
             if len(self._types) >= _MAX_GLOBALS:
-                raise _Refused(f"more than {_MAX_GLOBALS} distinct globals")
+                raise Refused(f"more than {_MAX_GLOBALS} distinct globals")
             attrs = {"qualname": qualname, "calls": self.calls if hostile else None}
             cls = _StandInType(qualname.rpartition(".")[2], (_StandInBase,), attrs)
             self._types[qualname] = cls
@@ -413,7 +232,7 @@ def _prescan(stream: BinaryIO) -> None:
     """Walk the opcodes once, without building anything, and refuse what would hurt the C
     unpickler itself: deeply nested tuples (their hash recurses in C), memo indices far past
     the memo's size (the memo is resized to twice the index) and floods of globals. Raises
-    :class:`_Refused`."""
+    :class:`Refused`."""
     start = stream.tell()
     stack: list[int] = []  # tuple depth of each stack item
     marks: list[int] = []
@@ -424,7 +243,7 @@ def _prescan(stream: BinaryIO) -> None:
         if name in ("GLOBAL", "STACK_GLOBAL", "INST"):
             globals_named += 1
             if globals_named > _MAX_GLOBALS * 10:  # real pickles memoize the globals they repeat
-                raise _Refused(f"more than {_MAX_GLOBALS * 10} global lookups")
+                raise Refused(f"more than {_MAX_GLOBALS * 10} global lookups")
         if name == "MARK":
             marks.append(len(stack))
             continue
@@ -447,13 +266,13 @@ def _prescan(stream: BinaryIO) -> None:
         elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
             index = puts if name == "MEMOIZE" else int(arg or 0)
             if index > puts + _MAX_MEMO_GAP:
-                raise _Refused(f"a memo index {index} far beyond the {puts} objects memoized")
+                raise Refused(f"a memo index {index} far beyond the {puts} objects memoized")
             memo[index] = depth if name == "MEMOIZE" else stack[-1]
             puts += 1
         elif name in ("GET", "BINGET", "LONG_BINGET"):
             depth = memo.get(int(arg or 0), 0)
         if depth > _MAX_TUPLE_DEPTH:
-            raise _Refused(f"tuples nested more than {_MAX_TUPLE_DEPTH} deep")
+            raise Refused(f"tuples nested more than {_MAX_TUPLE_DEPTH} deep")
         stack.extend([depth] * len(op.stack_after))
     stream.seek(start)
 
@@ -492,7 +311,7 @@ def unpickle(
     try:
         _prescan(stream)
         obj = _resolve(up.load(), {})
-    except _Refused as exc:
+    except Refused as exc:
         if exc.hostile:
             up._hostile(exc.hostile, str(exc))
         error = str(exc)
@@ -523,22 +342,22 @@ def unpickle(
 # allowlisted builders
 
 
-def _marker(qualname: str) -> _Marker | None:
+def _marker(qualname: str) -> Marker | None:
     module, _, name = qualname.rpartition(".")
     if module == "torch":
-        if name in _STORAGE_DTYPES:
-            return _Marker(qualname, _STORAGE_DTYPES[name])
-        dtype = _TORCH_DTYPE_ALIASES.get(name, name)
+        if name in STORAGE_DTYPES:
+            return Marker(qualname, STORAGE_DTYPES[name])
+        dtype = TORCH_DTYPE_ALIASES.get(name, name)
         if dtype in DTYPE_ITEMSIZE:
-            return _Marker(qualname, dtype)
+            return Marker(qualname, dtype)
         if name in ("Tensor", "Size"):
-            return _Marker(qualname, name)
+            return Marker(qualname, name)
     if qualname in ("torch.storage.UntypedStorage", "torch.UntypedStorage"):
-        return _Marker(qualname, "uint8")
+        return Marker(qualname, "uint8")
     if qualname == "torch.nn.parameter.Parameter":
-        return _Marker(qualname, "Parameter")
+        return Marker(qualname, "Parameter")
     if qualname in ("numpy.ndarray",):
-        return _Marker(qualname, "ndarray")
+        return Marker(qualname, "ndarray")
     return None
 
 
@@ -564,7 +383,7 @@ def _builders(up: _Unpickler) -> dict[str, _Builder]:
         dtype: Any,
         metadata: Any = None,
     ) -> TensorRecord:
-        if not isinstance(dtype, _Marker) or dtype.value not in DTYPE_ITEMSIZE:
+        if not isinstance(dtype, Marker) or dtype.value not in DTYPE_ITEMSIZE:
             up.refuse(f"_rebuild_tensor_v3 with the dtype {brief(dtype)}")
         return _tensor(
             up, storage, offset, size, stride, requires_grad, backward_hooks, dtype.value
@@ -582,7 +401,7 @@ def _builders(up: _Unpickler) -> dict[str, _Builder]:
         if not (isinstance(func, _Builder) and func.qualname in _TENSOR_REBUILDERS):
             name = getattr(func, "qualname", type(func).__name__)
             up.refuse(f"_rebuild_from_type_v2 with the foreign function {name}")
-        if not (isinstance(new_type, _Marker) and new_type.value in ("Tensor", "Parameter")):
+        if not (isinstance(new_type, Marker) and new_type.value in ("Tensor", "Parameter")):
             name = getattr(new_type, "qualname", type(new_type).__name__)
             up.refuse(f"_rebuild_from_type_v2 to the foreign type {name}")
         if not isinstance(args, tuple):
@@ -613,7 +432,7 @@ def _builders(up: _Unpickler) -> dict[str, _Builder]:
         return obj
 
     def np_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> _NdArray:
-        if not (isinstance(cls, _Marker) and cls.value == "ndarray"):
+        if not (isinstance(cls, Marker) and cls.value == "ndarray"):
             up.refuse("numpy _reconstruct of something other than numpy.ndarray")
         return _NdArray(up)
 
@@ -662,10 +481,6 @@ def _check_no_hooks(up: _Unpickler, hooks: Any) -> None:
     if hooks is None or (isinstance(hooks, dict) and not hooks):
         return
     up.refuse("a tensor with backward hooks (they would be code references)")
-
-
-MAX_NDIM = 64
-MAX_NUMEL = 2**48
 
 
 def _shape(up: _Unpickler, value: Any) -> tuple[int, ...]:
@@ -733,9 +548,9 @@ class _NpDtype(_NoBuild):
         self._up = up
         if not isinstance(code, str):
             up.refuse("numpy.dtype with a non-string code")
-        code = _NUMPY_CHAR_CODES.get(code, code)
+        code = NUMPY_CHAR_CODES.get(code, code)
         if code.startswith(("O", "V")):
-            raise _Refused(
+            raise Refused(
                 "an object or structured numpy array (numpy.dtype('O')); such arrays "
                 "carry pickled Python objects",
                 hostile="numpy.dtype('O')",
@@ -755,7 +570,7 @@ class _NpDtype(_NoBuild):
     def torch_name(self) -> str:
         if self.byteorder == ">" and not self.code.endswith("1"):
             self._up.refuse(f"big-endian numpy array (dtype >{self.code})")
-        name = _NUMPY_DTYPES.get(self.code)
+        name = NUMPY_DTYPES.get(self.code)
         if name is None:
             self._up.refuse(f"numpy dtype {self.code!r} is not numeric")
         return name  # type: ignore[return-value]
@@ -805,7 +620,7 @@ def _resolve(obj: Any, memo: dict[int, Any]) -> Any:
     out: Any
     if isinstance(obj, _NdArray):
         if obj.record is None:
-            raise _Refused("a numpy array without its data (no BUILD)")
+            raise Refused("a numpy array without its data (no BUILD)")
         out = obj.record
     elif isinstance(obj, _StandInBase):
         out = memo[key] = obj.record

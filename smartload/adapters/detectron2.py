@@ -42,8 +42,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without detectro
     ) from exc
 
 from .._normalize import leaf_shape
+from .._records import ArrayRecord
 from .._tensors import Materializer
-from .._unpickler import ArrayRecord
 from . import Adapter, HeadRule
 
 __all__ = ["Detectron2Adapter", "SmartDetectionCheckpointer", "SmartLoadHook"]

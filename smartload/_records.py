@@ -1,0 +1,170 @@
+"""What the reader builds instead of objects: records of tensors, arrays and inert stand-ins.
+
+No torch, no numpy: a record says where a tensor's bytes are and what they mean; the bytes are read
+only when a plan needs them (``_tensors.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DTYPE_ITEMSIZE",
+    "MAX_NDIM",
+    "MAX_NUMEL",
+    "ArrayRecord",
+    "Refused",
+    "StandIn",
+    "StorageRef",
+    "TensorRecord",
+    "brief",
+]
+
+MAX_NDIM = 64
+MAX_NUMEL = 2**48
+
+# --------------------------------------------------------------------------------------------------
+# dtypes (names as torch spells them; itemsize in bytes)
+
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+}  # fmt: skip
+
+TORCH_DTYPE_ALIASES = {
+    "float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
+    "short": "int16", "cfloat": "complex64", "cdouble": "complex128", "chalf": "complex32",
+}  # fmt: skip
+
+STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
+}  # fmt: skip
+
+# numpy dtype codes (kind + itemsize) to torch dtype names
+NUMPY_DTYPES = {
+    "f8": "float64", "f4": "float32", "f2": "float16", "c16": "complex128", "c8": "complex64",
+    "i8": "int64", "i4": "int32", "i2": "int16", "i1": "int8",
+    "u8": "uint64", "u4": "uint32", "u2": "uint16", "u1": "uint8", "b1": "bool",
+}  # fmt: skip
+NUMPY_CHAR_CODES = {
+    "d": "f8", "f": "f4", "e": "f2", "D": "c16", "F": "c8", "q": "i8", "l": "i8", "i": "i4",
+    "h": "i2", "b": "i1", "Q": "u8", "L": "u8", "I": "u4", "H": "u2", "B": "u1", "?": "b1",
+    "float64": "f8", "float32": "f4", "float16": "f2", "int64": "i8", "int32": "i4",
+    "int16": "i2", "int8": "i1", "uint8": "u1", "bool": "b1",
+}  # fmt: skip
+
+# --------------------------------------------------------------------------------------------------
+# records
+
+
+class Refused(Exception):
+    """Raised inside the pickle machine; turned into a smartload error by :func:`unpickle`."""
+
+    def __init__(self, message: str, hostile: str | None = None) -> None:
+        super().__init__(message)
+        self.hostile = hostile
+
+
+class _Sealed:
+    """BUILD would write straight into a record's ``__dict__`` (past ``frozen=True``): refuse it."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise Refused(f"BUILD applied to a {type(self).__name__}")
+
+
+def brief(value: Any, limit: int = 40) -> str:
+    """A bounded description of a value from the file (its repr may be huge or deep)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if abs(value) < 10**18 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if isinstance(value, tuple | list | dict | set | frozenset):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {getattr(value, 'qualname', type(value).__name__)}"
+
+
+@dataclass(frozen=True)
+class StorageRef(_Sealed):
+    """A storage in the file: where its bytes are is up to the format reader (``key``)."""
+
+    key: str
+    dtype: str
+    numel: int
+    location: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class TensorRecord(_Sealed):
+    """A tensor in a torch pickle: a view into a storage. No data is read to make one."""
+
+    storage: StorageRef
+    offset: int  # in elements of ``dtype``
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    requires_grad: bool = False
+    is_parameter: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride), strict=True):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+
+@dataclass(frozen=True)
+class ArrayRecord(_Sealed):
+    """A numpy array pickled inline (detectron2 ``.pkl``). ``data`` is None in symbolic mode."""
+
+    dtype: str  # torch-style name
+    numpy_dtype: str  # e.g. "<f4"
+    shape: tuple[int, ...]
+    fortran: bool
+    data: bytes | None
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class StandIn:
+    """An inert record of an object the pickle would have built from a non-allowlisted global."""
+
+    qualname: str
+    args: tuple[Any, ...] = ()
+    state: Any = None
+    items: dict[Any, Any] = field(default_factory=dict)
+    listitems: list[Any] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"{self.qualname}(...) [not executed]"
