@@ -226,53 +226,102 @@ def _prescan(stream: BinaryIO) -> None:
     """Walk the opcodes once, without building anything, and refuse what would hurt the C
     unpickler itself: deeply nested tuples (their hash recurses in C), memo indices far past
     the memo's size (the memo is resized to twice the index) and floods of globals. Raises
-    :class:`Refused`."""
+    :class:`Refused`.
+
+    The stack is simulated with one number per item: its tuple depth (0 for anything else).
+    """
     start = stream.tell()
-    stack: list[int] = []  # tuple depth of each stack item
+    stack: list[int] = []
     marks: list[int] = []
     memo: dict[int, int] = {}
     puts = globals_named = 0
+    push = stack.append
     for op, arg, _ in pickletools.genops(stream):
-        name = op.name
-        if name in ("GLOBAL", "STACK_GLOBAL", "INST"):
+        kind, pops, pushes = _KINDS[op.code]
+        if kind == _PUSH:  # the common case: a constant
+            push(0)
+            continue
+        depth = 0
+        if kind == _MARK:
+            marks.append(len(stack))
+            continue
+        if kind == _TO_MARK or kind == _TUPLE_TO_MARK:
+            at = marks.pop()
+            if kind == _TUPLE_TO_MARK:
+                depth = 1 + max(stack[at:], default=0)
+            del stack[at - pops :]
+        elif kind == _TUPLE_N:
+            depth = 1 + max(stack[-pops:])
+            del stack[-pops:]
+        elif kind == _KEEP:  # DUP, READONLY_BUFFER: the top item's depth carries over
+            depth = stack[-1]
+            del stack[-pops:]
+        elif pops:
+            del stack[-pops:]
+        if kind == _EMPTY_TUPLE:
+            depth = 1
+        elif kind == _PUT:  # the top item stays where it is
+            index = puts if arg is None else int(arg)  # MEMOIZE numbers itself
+            if index > puts + _MAX_MEMO_GAP:
+                raise Refused(f"a memo index {index} far beyond the {puts} objects memoized")
+            memo[index] = stack[-1]
+            puts += 1
+            continue
+        elif kind == _GET:
+            depth = memo.get(int(arg or 0), 0)
+        elif kind == _GLOBAL:
             globals_named += 1
             if globals_named > _MAX_GLOBALS * 10:  # real pickles memoize the globals they repeat
                 raise Refused(f"more than {_MAX_GLOBALS * 10} global lookups")
-        if name == "MARK":
-            marks.append(len(stack))
-            continue
-        depth = 0
-        pops = _POPS[name]
-        if "mark" in pops:
-            at = marks.pop()
-            items = stack[at:]
-            del stack[at - pops.index("mark") :]
-            if name in ("TUPLE", "FROZENSET"):
-                depth = 1 + max(items, default=0)
-        else:
-            popped = [stack.pop() for _ in pops]
-            if name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                depth = 1 + max(popped)
-            elif name in ("DUP", "MEMOIZE", "READONLY_BUFFER"):
-                depth = popped[0]
-        if name == "EMPTY_TUPLE":
-            depth = 1
-        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            index = puts if name == "MEMOIZE" else int(arg or 0)
-            if index > puts + _MAX_MEMO_GAP:
-                raise Refused(f"a memo index {index} far beyond the {puts} objects memoized")
-            memo[index] = depth if name == "MEMOIZE" else stack[-1]
-            puts += 1
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            depth = memo.get(int(arg or 0), 0)
         if depth > _MAX_TUPLE_DEPTH:
             raise Refused(f"tuples nested more than {_MAX_TUPLE_DEPTH} deep")
-        stack.extend([depth] * len(op.stack_after))
+        stack.extend([depth] * pushes)
     stream.seek(start)
 
 
-# what each opcode pops, by name (the "mark" entry: it pops down to the last MARK)
-_POPS = {op.name: [s.name for s in op.stack_before] for op in pickletools.opcodes}
+(
+    _PUSH,
+    _MARK,
+    _TO_MARK,
+    _TUPLE_TO_MARK,
+    _TUPLE_N,
+    _KEEP,
+    _EMPTY_TUPLE,
+    _PUT,
+    _GET,
+    _GLOBAL,
+    _OTHER,
+) = range(11)
+
+
+def _kind(op: pickletools.OpcodeInfo) -> tuple[int, int, int]:
+    """(kind, items popped besides a MARK's slice, items pushed) for one opcode."""
+    before = [s.name for s in op.stack_before]
+    pushes = len(op.stack_after)
+    name = op.name
+    if name == "MARK":
+        return _MARK, 0, 0
+    if "mark" in before:
+        kind = _TUPLE_TO_MARK if name in ("TUPLE", "FROZENSET") else _TO_MARK
+        return kind, before.index("mark"), pushes
+    if name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+        return _TUPLE_N, len(before), pushes
+    if name in ("DUP", "READONLY_BUFFER"):
+        return _KEEP, len(before), pushes
+    if name == "EMPTY_TUPLE":
+        return _EMPTY_TUPLE, 0, 1
+    if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+        return _PUT, 0, 0
+    if name in ("GET", "BINGET", "LONG_BINGET"):
+        return _GET, 0, 1
+    if name in ("GLOBAL", "STACK_GLOBAL", "INST"):
+        return _GLOBAL, len(before) - ("mark" in before), pushes
+    if not before and pushes == 1:
+        return _PUSH, 0, 1
+    return _OTHER, len(before), pushes
+
+
+_KINDS = {op.code: _kind(op) for op in pickletools.opcodes}
 
 
 def unpickle(
