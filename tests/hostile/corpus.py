@@ -1,0 +1,375 @@
+"""The adversarial corpus: every case is built here, in pure Python, at test time.
+
+``CASES`` maps a name to a :class:`Case`: how to build the file (given a folder and a shell command
+a payload would run), and what smartload must answer: the error type and a fragment of its message,
+the exact hostile globals for refusals, or ``None`` for files that must load.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from conftest import Payload, make_net
+from pickle_asm import Build, Call, Global, assemble, tensor, torch_zip
+from safetensors.torch import save_file
+from test_hostile import (
+    compressed_member,
+    crc_mismatch,
+    dotted_stack_global,
+    duplicate_data_pkl,
+    empty_file,
+    foreign_rebuild_function,
+    gzipped_checkpoint,
+    importlib_chain,
+    legacy_tar,
+    negative_strides,
+    numpy_build_gadget,
+    object_ndarray_pkl,
+    overlapping_safetensors,
+    png_named_pt,
+    protocol0_eval,
+    reduce_in_torch_zip,
+    setitem_on_list,
+    shard_escapes_directory,
+    storage_size_lie,
+    symlink_to_dev_zero,
+    torchscript_archive,
+    truncated_pth,
+    truncated_safetensors,
+    view_past_storage,
+)
+
+from smartload import CheckpointFormatError, UnsafeCheckpointError
+
+Maker = Callable[[Path, str], Path]
+
+
+@dataclass(frozen=True)
+class Case:
+    make: Maker
+    error: type[Exception] | None  # None: the file must load
+    fragment: str = ""
+    globals: list[str] = field(default_factory=list)
+
+
+def unsafe(make: Maker, *names: str) -> Case:
+    return Case(make, UnsafeCheckpointError, f"it names {', '.join(names)}", list(names))
+
+
+def broken(make: Maker, fragment: str) -> Case:
+    return Case(make, CheckpointFormatError, fragment)
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    return make_net(10, seed=1).state_dict()
+
+
+def _pkl(name: str, data: bytes) -> Maker:
+    def make(tmp: Path, cmd: str) -> Path:
+        path = tmp / name
+        path.write_bytes(data.replace(b"CMD", cmd.encode()))
+        return path
+
+    return make
+
+
+def _call_global(module: str, name: str, protocol: int = 2) -> Maker:
+    def make(tmp: Path, cmd: str) -> Path:
+        payload = {"model": {}, "x": Call(Global(module, name), (cmd,))}
+        return torch_zip(tmp / f"{module}_{name}.pth", assemble(payload, protocol))
+
+    return make
+
+
+def memo_obfuscation(tmp: Path, cmd: str) -> Path:
+    """The global is memoized under a harmless-looking index and fetched back before the call."""
+    data = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01cposix\nsystem\nq\x07X\x01\x00\x00\x00bh\x07"
+    data += b"X" + struct.pack("<I", len(cmd)) + cmd.encode() + b"\x85Ru."
+    return torch_zip(tmp / "memo.pth", data)
+
+
+def nested_pickle_loads(tmp: Path, cmd: str) -> Path:
+    inner = pickle.dumps(Payload(cmd), protocol=2).decode("latin1")
+    outer = Call(Global("pickle", "loads"), (Call(Global("_codecs", "encode"), (inner, "latin1")),))
+    return torch_zip(tmp / "nested.pth", assemble({"model": {}, "x": outer}))
+
+
+def partial_torch_load(tmp: Path, cmd: str) -> Path:
+    partial = Build(
+        Call(Global("functools", "partial"), (Global("torch", "load"),)),
+        (Global("torch", "load"), (cmd,), {"weights_only": False}, None),
+    )
+    return torch_zip(tmp / "partial.pth", assemble({"model": {}, "x": Call(partial, ())}))
+
+
+def payload_then_garbage(tmp: Path, cmd: str) -> Path:
+    path = tmp / "garbage.pkl"
+    path.write_bytes(pickle.dumps(Payload(cmd), protocol=2) + b"\x00\xff garbage \x93\x94")
+    return path
+
+
+def frame_divergence(tmp: Path, cmd: str) -> Path:
+    body = pickle.dumps({"model": {}}, protocol=4)[11:]  # after PROTO and the FRAME header
+    path = tmp / "frame.pkl"
+    path.write_bytes(b"\x80\x04\x95" + struct.pack("<Q", len(body) + 1000) + body)
+    return path
+
+
+def eval_built_magic(tmp: Path, cmd: str) -> Path:
+    """A legacy torch file whose magic number is computed by eval."""
+    path = tmp / "legacy.pt"
+    path.write_bytes(b"c__builtin__\neval\n(S'0x1950a86a20f9469cfc6c'\ntR." + pickle.dumps(1001, 2))
+    return path
+
+
+def _patch_zip(make_zip: Callable[[Path], Path], patch: Callable[[bytearray], None]) -> Maker:
+    def make(tmp: Path, cmd: str) -> Path:
+        path = make_zip(tmp)
+        data = bytearray(path.read_bytes())
+        patch(data)
+        path.write_bytes(bytes(data))
+        return path
+
+    return make
+
+
+def _simple_zip(tmp: Path) -> Path:
+    weights = {"weight": tensor("0", 2, (1, 2), (2, 1))}
+    return torch_zip(tmp / "patched.pth", assemble(weights), {"0": struct.pack("<2f", 1, 2)})
+
+
+def _set_encrypted_flag(data: bytearray) -> None:
+    at = data.index(b"PK\x01\x02")  # first central directory entry (archive/data.pkl)
+    data[at + 8] |= 0x1
+
+
+def _rename_in_local_header(data: bytearray) -> None:
+    at = data.index(b"archive/data.pkl")  # the local header's copy comes first
+    data[at : at + 16] = b"archive/data.pkX"
+
+
+def _declare_huge_member(data: bytearray) -> None:
+    at = data.index(b"PK\x01\x02", data.index(b"archive/data/0"))  # central entry of data/0
+    data[at + 20 : at + 28] = struct.pack("<II", 0xFFFFFFF0, 0xFFFFFFF0)  # 4 GB, in a 1 KB file
+
+
+def zip_bomb(tmp: Path, cmd: str) -> Path:
+    """1 GB of zeros, DEFLATEd to about 1 MB: refused without inflating a byte."""
+    path = tmp / "bomb.pth"
+    chunk = zlib.compressobj(9, zlib.DEFLATED, -15)
+    raw = b"".join(chunk.compress(b"\x00" * 2**24) for _ in range(64)) + chunk.flush()
+    with zipfile.ZipFile(path, "w") as z:
+        info = zipfile.ZipInfo("archive/data.pkl")
+        info.compress_type = zipfile.ZIP_STORED
+        z.writestr(info, pickle.dumps({}, protocol=2))
+    data = bytearray(path.read_bytes())
+    # append a deflated member by hand: local header + data + central entry + end record
+    name = b"archive/data/0"
+    local = struct.pack(
+        "<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 8, 0, 0, 0, len(raw), 2**30, len(name), 0
+    )
+    cd_at = data.index(b"PK\x01\x02")
+    central_old, end_old = (
+        data[cd_at : data.index(b"PK\x05\x06")],
+        data[data.index(b"PK\x05\x06") :],
+    )
+    new_offset = cd_at
+    body = data[:cd_at] + local + name + raw
+    central = struct.pack(
+        "<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, 0, len(raw), 2**30, len(name),
+        0, 0, 0, 0, 0, new_offset,
+    ) + name  # fmt: skip
+    cd = central_old + central
+    end = bytearray(end_old)
+    struct.pack_into("<HHII", end, 8, 2, 2, len(cd), len(body))
+    path.write_bytes(bytes(body + cd + end))
+    return path
+
+
+def pickle_then_zip(tmp: Path, cmd: str) -> Path:
+    buf = io.BytesIO()
+    torch.save(_weights(), buf)
+    path = tmp / "polyglot.pth"
+    path.write_bytes(pickle.dumps({"model": {}}, protocol=2) + buf.getvalue())
+    return path
+
+
+def safetensors_then_zip(tmp: Path, cmd: str) -> Path:
+    path = tmp / "polyglot.safetensors"
+    save_file(_weights(), str(path))
+    buf = io.BytesIO()
+    torch.save({"x": Payload(cmd)}, buf)
+    path.write_bytes(path.read_bytes() + buf.getvalue())
+    return path
+
+
+def empty_directory(tmp: Path, cmd: str) -> Path:
+    path = tmp / "checkpoints"
+    path.mkdir()
+    return path
+
+
+def symlink_to_fifo(tmp: Path, cmd: str) -> Path:
+    os.mkfifo(tmp / "fifo")
+    path = tmp / "link.pth"
+    path.symlink_to(tmp / "fifo")
+    return path
+
+
+def _safetensors(header: object, data: bytes = b"\x00" * 8, raw: bytes | None = None) -> Maker:
+    def make(tmp: Path, cmd: str) -> Path:
+        text = raw if raw is not None else json.dumps(header).encode()
+        path = tmp / "crafted.safetensors"
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+        return path
+
+    return make
+
+
+def header_length_2_40(tmp: Path, cmd: str) -> Path:
+    path = tmp / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**40) + b"{}" + b"\x00" * 14)
+    return path
+
+
+def ten_million_entries(tmp: Path, cmd: str) -> Path:
+    """A header declaring 10M entries (about 450 MB of JSON), sparse on disk: refused by size."""
+    path = tmp / "ten_million.safetensors"
+    n = 10_000_000 * 45
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", n) + b'{"t0":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}')
+        f.truncate(8 + n)
+    return path
+
+
+def _entry(shape: list[int], begin: int, end: int, dtype: str = "F32") -> dict[str, object]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def nan_inf_tensors(tmp: Path, cmd: str) -> Path:
+    sd = _weights()
+    sd["fc.weight"][0, 0] = float("nan")
+    path = tmp / "nan.pth"
+    torch.save(sd, path)
+    return path
+
+
+def py2_latin1_pkl(tmp: Path, cmd: str) -> Path:
+    """A Python 2 pickle: protocol 2, numpy data as latin1 str (as Detectron1 wrote them)."""
+    arr = np.arange(4, dtype=np.float32)
+    data = pickle.dumps({"blobs": {"fc_w": arr}}, protocol=2)
+    path = tmp / "py2.pkl"
+    path.write_bytes(data.replace(b"_codecs\nencode", b"_codecs\nencode"))  # same opcodes py2 wrote
+    return path
+
+
+def _zoo_pkl(protocol: int) -> Maker:
+    def make(tmp: Path, cmd: str) -> Path:
+        arrays = {k: v.numpy() for k, v in _weights().items()}
+        path = tmp / f"zoo{protocol}.pkl"
+        path.write_bytes(
+            pickle.dumps({"model": arrays, "__author__": "Detectron2 Model Zoo"}, protocol=protocol)
+        )
+        return path
+
+    return make
+
+
+CASES: dict[str, Case] = {
+    # code-execution attempts: refused as hostile, every global named
+    "os_system_reduce_in_torch_zip": unsafe(reduce_in_torch_zip, "posix.system"),
+    "os_system_global": unsafe(_call_global("os", "system"), "os.system"),
+    "posix_system_global": unsafe(_call_global("posix", "system"), "posix.system"),
+    "protocol0_builtin_eval": unsafe(protocol0_eval, "builtins.eval"),
+    "subprocess_popen": unsafe(_call_global("subprocess", "Popen"), "subprocess.Popen"),
+    "runpy_run_code": unsafe(_call_global("runpy", "_run_code"), "runpy._run_code"),
+    "timeit_timeit": unsafe(_call_global("timeit", "timeit"), "timeit.timeit"),
+    "cprofile_run": unsafe(_call_global("cProfile", "run"), "cProfile.run"),
+    "pip_main": unsafe(_call_global("pip", "main"), "pip.main"),
+    "pydoc_pipepager": unsafe(_call_global("pydoc", "pipepager"), "pydoc.pipepager"),
+    "getattr_importlib_chain": unsafe(importlib_chain, "builtins.getattr", "importlib.import_module"),
+    "dotted_stack_global": unsafe(dotted_stack_global, "pathlib.os.system"),
+    "numpy_prod_build_gadget": unsafe(numpy_build_gadget, "numpy.prod"),
+    "numpy_builtins": unsafe(_call_global("numpy", "__builtins__"), "numpy.__builtins__"),
+    "memo_put_get_obfuscation": unsafe(memo_obfuscation, "posix.system"),
+    "nested_pickle_loads": unsafe(nested_pickle_loads, "pickle.loads"),
+    "partial_torch_load": unsafe(partial_torch_load, "functools.partial", "torch.load"),
+    "numpy_load": unsafe(_call_global("numpy", "load"), "numpy.load"),
+    "object_ndarray": unsafe(object_ndarray_pkl, "numpy.dtype('O')"),
+    "object_ndarray_harmless": unsafe(
+        _pkl("harmless.pkl", pickle.dumps({"model": {"w": np.array([1, 2], dtype=object)}}, 2)),
+        "numpy.dtype('O')",
+    ),
+    "payload_then_garbage": unsafe(payload_then_garbage, "posix.system"),
+    "legacy_eval_built_magic": unsafe(eval_built_magic, "builtins.eval"),
+    "polyglot_safetensors_then_zip": broken(safetensors_then_zip, "the data area has trailing bytes"),
+    # malformed or refused by design
+    "frame_length_divergence": broken(frame_divergence, "malformed pickle"),
+    "rebuild_from_type_foreign_function": broken(foreign_rebuild_function, "foreign function"),
+    "setitem_on_list": broken(setitem_on_list, "malformed pickle"),
+    "storage_size_lie": broken(storage_size_lie, "declares 4000 bytes but holds 16"),
+    "storage_offset_past_end": broken(view_past_storage, "reads past the end of storage"),
+    "negative_strides": broken(negative_strides, "negative or non-integer strides"),
+    "torchscript_archive": broken(torchscript_archive, "a TorchScript archive"),
+    "legacy_tar": broken(legacy_tar, "a tar archive"),
+    "crc_mismatch": broken(crc_mismatch, "CRC mismatch"),
+    "zip_encrypted_flag": broken(_patch_zip(_simple_zip, _set_encrypted_flag), "is encrypted"),
+    "zip_local_central_name_mismatch": broken(
+        _patch_zip(_simple_zip, _rename_in_local_header), "local/central name mismatch"
+    ),
+    "duplicate_data_pkl": broken(duplicate_data_pkl, "duplicate zip member"),
+    "deflate_zip_bomb": broken(zip_bomb, "is compressed (method 8)"),
+    "member_declaring_4gb": broken(_patch_zip(_simple_zip, _declare_huge_member), "more than the file"),
+    "compressed_data_pkl": broken(compressed_member, "is compressed"),
+    "polyglot_pickle_then_zip": broken(pickle_then_zip, "unexpected byte(s) after the pickle's end"),
+    "truncated_pth": broken(truncated_pth, "corrupt zip archive"),
+    "truncated_safetensors": broken(truncated_safetensors, "the data area is truncated"),
+    "empty_file": broken(empty_file, "empty file (0 bytes)"),
+    "empty_directory": broken(empty_directory, "a directory without a checkpoint"),
+    "symlink_to_dev_zero": broken(symlink_to_dev_zero, "not a regular file"),
+    "symlink_to_fifo": broken(symlink_to_fifo, "not a regular file"),
+    "png_named_pt": broken(png_named_pt, "a PNG image"),
+    "gzip_checkpoint": broken(gzipped_checkpoint, "gzip-compressed data"),
+    "shard_index_dotdot": broken(shard_escapes_directory, "lies outside the index's directory"),
+    "safetensors_header_2_40": broken(header_length_2_40, "a safetensors header length larger than the file"),
+    "safetensors_overlapping": broken(overlapping_safetensors, "overlaps the previous tensor"),
+    "safetensors_gapped": broken(
+        _safetensors({"a": _entry([1], 0, 4), "b": _entry([1], 8, 12)}, b"\x00" * 12),
+        "tensor 'b' at byte 8 leaves a gap before it",
+    ),
+    "safetensors_out_of_range": broken(
+        _safetensors({"a": _entry([4], 0, 16)}), "the data area is truncated"
+    ),
+    "safetensors_unknown_dtype": broken(
+        _safetensors({"a": _entry([2], 0, 8, "F128")}), "tensor 'a': unknown dtype 'F128'"
+    ),
+    "safetensors_negative_shape": broken(
+        _safetensors({"a": _entry([-2], 0, 8)}), "tensor 'a': invalid shape (a list of 1)"
+    ),
+    "safetensors_overflowing_shape": broken(
+        _safetensors({"a": _entry([2**40, 2**40], 0, 8)}), "tensor 'a': invalid shape (a list of 2)"
+    ),
+    "safetensors_duplicate_keys": broken(
+        _safetensors(None, raw=b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+                               b'"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'),
+        "duplicate key 'a'",
+    ),  # fmt: skip
+    "safetensors_ten_million_entries": broken(ten_million_entries, "exceeds the file or the 100 MB limit"),
+    # these load (or, for inspect, read) fine
+    "nan_inf_tensors": Case(nan_inf_tensors, CheckpointFormatError, "non-finite values in 1 tensor(s): fc.weight"),
+    "py2_latin1_pkl": Case(py2_latin1_pkl, None),
+    "detectron2_pkl_protocol_2": Case(_zoo_pkl(2), None),
+    "detectron2_pkl_protocol_4": Case(_zoo_pkl(4), None),
+    "detectron2_pkl_protocol_5": Case(_zoo_pkl(5), None),
+}  # fmt: skip
