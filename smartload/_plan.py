@@ -318,6 +318,8 @@ def _decide(
         rule = HeadRule(name=key.rpartition(".")[0], keys=(key,))
         base["head"] = rule.name
     dim = 0 if len(model_shape) == 1 else rule.dim  # a bias holds one value per row
+    if dim >= len(model_shape):  # a scalar has no rows to slice
+        return None
     if len(ckpt_shape) != len(model_shape) or any(
         a != b for i, (a, b) in enumerate(zip(ckpt_shape, model_shape, strict=True)) if i != dim
     ):
