@@ -399,9 +399,7 @@ def _read_safetensors(path: str, key_prefix: str = "") -> RawCheckpoint:
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         dtype, shape, begin, end = _safetensors_entry(path, name, entry)
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         if end - begin != numel * DTYPE_ITEMSIZE[dtype]:
             raise CheckpointFormatError(
                 path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -103,7 +104,7 @@ class _Outcome:
         out = {action: counts.get(action, 0) for action in ACTIONS}
         out["unused"] = len(self.unused)
         out["reused_params"] = sum(e.reused for e in self.entries)
-        out["model_params"] = sum(_numel(e.model_shape) for e in self.entries)
+        out["model_params"] = sum(math.prod(e.model_shape) for e in self.entries)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,13 +210,6 @@ class LoadReport(_Outcome):
 
     def __repr__(self) -> str:
         return f"<LoadReport {self.summary_line()}>"
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def group_keys(keys: Iterable[str]) -> list[str]:

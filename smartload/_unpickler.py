@@ -22,6 +22,7 @@ and *materialize* (``load``: array bytes kept, the first problem raises).
 from __future__ import annotations
 
 import _compat_pickle
+import math
 import pickle
 import pickletools
 from collections.abc import Callable, Iterable
@@ -566,9 +567,7 @@ def _tensor(
     itemsize = DTYPE_ITEMSIZE[dtype]
     if storage.nbytes % itemsize:
         up.refuse(f"a {dtype} tensor on storage {storage.key!r} of {storage.nbytes} bytes")
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     extent = (
         0
         if numel == 0
@@ -644,9 +643,7 @@ def _array(
     up: _Unpickler, dtype: _NpDtype, shape: tuple[int, ...], fortran: bool, raw: bytes
 ) -> ArrayRecord:
     name = dtype.torch_name()
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     if numel * DTYPE_ITEMSIZE[name] != len(raw):
         up.refuse(
             f"numpy array of shape {list(shape)} and dtype {dtype.code} has {len(raw)} bytes of data"
