@@ -25,8 +25,8 @@ class HeadRule:
     """A class-count head.
 
     Rows along ``dim`` are, for ``groups`` groups (anchors), ``block`` rows per class (4 for box
-    deltas), plus one background row first or last (``background``): row
-    ``g*K*block + k*block + j``, shifted by one when the background row is first.
+    deltas), plus a background class of ``block`` rows first or last (``background``): row
+    ``g*K*block + k*block + j``, shifted by ``block`` when the background comes first.
     """
 
     name: str  # the head's module, for the report ("fc", "roi_heads.box_predictor.cls_score")
@@ -47,7 +47,9 @@ class HeadRule:
 
     def num_classes(self, rows: int, *, checkpoint: bool = False) -> int | None:
         """The class count a head with ``rows`` rows along ``dim`` has, or None if none fits."""
-        extra = (0 if self.background == "none" else 1) + (self.offset if checkpoint else 0)
+        extra = (0 if self.background == "none" else self.block) + (
+            self.offset if checkpoint else 0
+        )
         per_class = self.block * self.groups
         k, rem = divmod(rows - extra, per_class)
         return k if rem == 0 and k >= 0 else None
@@ -57,16 +59,17 @@ def source_rows(
     rule: HeadRule, old_k: int, new_k: int, class_map: Sequence[int | None]
 ) -> list[int | None]:
     """For each row of the new head, the checkpoint row it takes (None: initialise it)."""
-    first = 1 if rule.background == "first" else 0
-    shift = first + rule.offset  # checkpoint rows before class 0
-    rows: list[int | None] = [rule.offset] if first else []
+    first = rule.block if rule.background == "first" else 0  # background rows before class 0
+    shift = first + rule.offset
+    rows: list[int | None] = list(range(rule.offset, shift))
     for g in range(rule.groups):
         for k in range(new_k):
             old = class_map[k]
             for j in range(rule.block):
                 rows.append(None if old is None else shift + (g * old_k + old) * rule.block + j)
     if rule.background == "last":
-        rows.append(rule.offset + rule.groups * old_k * rule.block)
+        end = rule.offset + rule.groups * old_k * rule.block
+        rows.extend(range(end, end + rule.block))
     return rows
 
 

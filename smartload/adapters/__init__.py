@@ -105,11 +105,16 @@ def _is_detectron2(model: torch.nn.Module) -> bool:
     return type(model).__module__.startswith("detectron2.")
 
 
+def _is_torchvision_detection(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("torchvision.models.detection.")
+
+
 # (test on the model, module, class): framework adapters register here; checked in order. The
 # tests must not import the framework: the adapter module does, when it is chosen.
 _REGISTRY: list[tuple[Callable[[torch.nn.Module], bool], str, str]] = [
     (_is_timm, "smartload.adapters.timm", "TimmAdapter"),
     (_is_detectron2, "smartload.adapters.detectron2", "Detectron2Adapter"),
+    (_is_torchvision_detection, "smartload.adapters.torchvision", "TorchvisionDetectionAdapter"),
 ]
 
 
