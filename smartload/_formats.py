@@ -175,14 +175,12 @@ def _read_torch_zip(path: str, symbolic: bool, allow: frozenset[str]) -> RawChec
                 if ref.key not in sources:
                     info = members.get(f"{prefix}data/{ref.key}")
                     if info is None:
-                        raise CheckpointFormatError(path, f"storage {ref.key!r} is missing")
+                        raise Refused(f"storage {ref.key!r} is missing")
                     offset = _data_offset(path, mm, info)
                     if info.file_size < ref.nbytes:
-                        raise CheckpointFormatError(
-                            path,
+                        raise Refused(
                             f"storage {info.filename!r} declares {ref.nbytes} bytes but holds "
-                            f"{info.file_size}",
-                            "The file is truncated or was tampered with",
+                            f"{info.file_size}"
                         )
                     sources[ref.key] = Source(path, offset, ref.nbytes, info.CRC)
                 return ref

@@ -26,7 +26,7 @@ import math
 import pickle
 import pickletools
 from collections.abc import Callable, Iterable
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 from ._hostile import hostile_reason
 from ._records import (
@@ -169,7 +169,7 @@ class _Unpickler(pickle.Unpickler):
         self.calls: list[str] = []  # calls of hostile globals, described (never made)
         self._persistent = persistent_load
         self._types: dict[str, type] = {}
-        self._builders = _builders(self)
+        self._builders = _builders(symbolic)
 
     # -- called by the pickle machine ---------------------------------------------------------
 
@@ -359,7 +359,7 @@ def unpickle(
         if exc.hostile:
             up._hostile(exc.hostile, str(exc))
         error = str(exc)
-    except (CheckpointFormatError, UnsafeCheckpointError):
+    except (CheckpointFormatError, UnsafeCheckpointError):  # from a format's persistent_load
         raise
     except RecursionError:
         error = "pickle nests too deeply"
@@ -405,7 +405,9 @@ def _marker(qualname: str) -> Marker | None:
     return None
 
 
-def _builders(up: _Unpickler) -> dict[str, _Builder]:
+def _builders(symbolic: bool) -> dict[str, _Builder]:
+    # The builders must not hold the unpickler: after an error the C unpickler keeps its stack,
+    # which the garbage collector cannot see into, and a cycle through it would never be freed.
     def tensor_v2(
         storage: Any,
         offset: Any,
@@ -415,7 +417,7 @@ def _builders(up: _Unpickler) -> dict[str, _Builder]:
         backward_hooks: Any = None,
         metadata: Any = None,
     ) -> TensorRecord:
-        return _tensor(up, storage, offset, size, stride, requires_grad, backward_hooks, None)
+        return _tensor(storage, offset, size, stride, requires_grad, backward_hooks, None)
 
     def tensor_v3(
         storage: Any,
@@ -428,70 +430,68 @@ def _builders(up: _Unpickler) -> dict[str, _Builder]:
         metadata: Any = None,
     ) -> TensorRecord:
         if not isinstance(dtype, Marker) or dtype.value not in DTYPE_ITEMSIZE:
-            up.refuse(f"_rebuild_tensor_v3 with the dtype {brief(dtype)}")
-        return _tensor(
-            up, storage, offset, size, stride, requires_grad, backward_hooks, dtype.value
-        )
+            _refuse(f"_rebuild_tensor_v3 with the dtype {brief(dtype)}")
+        return _tensor(storage, offset, size, stride, requires_grad, backward_hooks, dtype.value)
 
     def parameter(data: Any, requires_grad: Any, backward_hooks: Any, state: Any = None) -> Any:
         if not isinstance(data, TensorRecord):
-            up.refuse("_rebuild_parameter of something that is not a tensor")
-        _check_no_hooks(up, backward_hooks)
+            _refuse("_rebuild_parameter of something that is not a tensor")
+        _check_no_hooks(backward_hooks)
         if state:
-            up.refuse("_rebuild_parameter_with_state with Python state on the parameter")
+            _refuse("_rebuild_parameter_with_state with Python state on the parameter")
         return _replace(data, requires_grad=bool(requires_grad), is_parameter=True)
 
     def from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
         if not (isinstance(func, _Builder) and func.qualname in _TENSOR_REBUILDERS):
             name = getattr(func, "qualname", type(func).__name__)
-            up.refuse(f"_rebuild_from_type_v2 with the foreign function {name}")
+            _refuse(f"_rebuild_from_type_v2 with the foreign function {name}")
         if not (isinstance(new_type, Marker) and new_type.value in ("Tensor", "Parameter")):
             name = getattr(new_type, "qualname", type(new_type).__name__)
-            up.refuse(f"_rebuild_from_type_v2 to the foreign type {name}")
+            _refuse(f"_rebuild_from_type_v2 to the foreign type {name}")
         if not isinstance(args, tuple):
-            up.refuse("_rebuild_from_type_v2 without an argument tuple")
+            _refuse("_rebuild_from_type_v2 without an argument tuple")
         record = func(*args)
         if state:
-            up.refuse("a tensor carrying Python attributes (_rebuild_from_type_v2 state)")
+            _refuse("a tensor carrying Python attributes (_rebuild_from_type_v2 state)")
         if new_type.value == "Parameter":
             record = _replace(record, is_parameter=True)
         return record
 
     def ordered_dict(*args: Any) -> _StateDict:
         if args:
-            up.refuse("OrderedDict called with arguments")
+            _refuse("OrderedDict called with arguments")
         return _StateDict()
 
     def codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-            up.refuse("_codecs.encode other than str → bytes in latin1")
+            _refuse("_codecs.encode other than str → bytes in latin1")
         encoded: bytes = text.encode("latin1")
         return encoded
 
     def reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
         if not isinstance(cls, _StandInType):
-            up.refuse(f"copyreg._reconstructor of {getattr(cls, 'qualname', cls)!r}")
-        obj = cls.__new__(cls)
+            _refuse(f"copyreg._reconstructor of {getattr(cls, 'qualname', cls)!r}")
+        obj = cls.__new__(cls)  # type: ignore[call-overload]
         obj.record.state = state
         return obj
 
     def np_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> _NdArray:
         if not (isinstance(cls, Marker) and cls.value == "ndarray"):
-            up.refuse("numpy _reconstruct of something other than numpy.ndarray")
-        return _NdArray(up)
+            _refuse("numpy _reconstruct of something other than numpy.ndarray")
+        return _NdArray(symbolic)
 
     def np_dtype(code: Any, align: Any = False, copy: Any = True) -> _NpDtype:
-        return _NpDtype(up, code)
+        return _NpDtype(code)
 
     def np_scalar(dtype: Any, data: Any = None) -> ArrayRecord:
         if not isinstance(dtype, _NpDtype) or not isinstance(data, bytes):
-            up.refuse("numpy scalar with a non-numeric dtype or no bytes")
-        return _array(up, dtype, (), False, data)
+            _refuse("numpy scalar with a non-numeric dtype or no bytes")
+        return _array(symbolic, dtype, (), False, data)
 
     def np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> ArrayRecord:
         if not isinstance(dtype, _NpDtype) or not isinstance(buf, bytes | bytearray):
-            up.refuse("numpy _frombuffer without a numeric dtype and in-band bytes")
-        return _array(up, dtype, _shape(up, shape), order == "F", bytes(buf))
+            _refuse("numpy _frombuffer without a numeric dtype and in-band bytes")
+        return _array(symbolic, dtype, _shape(shape), order == "F", bytes(buf))
 
     table: dict[str, Callable[..., Any]] = {
         "torch._utils._rebuild_tensor_v2": tensor_v2,
@@ -521,29 +521,32 @@ def _replace(record: TensorRecord, **changes: Any) -> TensorRecord:
     return replace(record, **changes)
 
 
-def _check_no_hooks(up: _Unpickler, hooks: Any) -> None:
+def _refuse(message: str) -> NoReturn:
+    raise Refused(message)
+
+
+def _check_no_hooks(hooks: Any) -> None:
     if hooks is None or (isinstance(hooks, dict) and not hooks):
         return
-    up.refuse("a tensor with backward hooks (they would be code references)")
+    _refuse("a tensor with backward hooks (they would be code references)")
 
 
-def _shape(up: _Unpickler, value: Any) -> tuple[int, ...]:
+def _shape(value: Any) -> tuple[int, ...]:
     if (
         not isinstance(value, tuple | list)
         or len(value) > MAX_NDIM
         or not all(type(v) is int and 0 <= v <= MAX_NUMEL for v in value)
     ):
-        up.refuse(f"a tensor shape that is not up to {MAX_NDIM} sizes: {brief(value)}")
+        _refuse(f"a tensor shape that is not up to {MAX_NDIM} sizes: {brief(value)}")
     numel = 1
     for v in value:
         numel *= v
         if numel > MAX_NUMEL:
-            up.refuse(f"a tensor of more than 2**48 elements (shape of {len(value)} sizes)")
+            _refuse(f"a tensor of more than 2**48 elements (shape of {len(value)} sizes)")
     return tuple(value)
 
 
 def _tensor(
-    up: _Unpickler,
     storage: Any,
     offset: Any,
     size: Any,
@@ -553,20 +556,20 @@ def _tensor(
     dtype: str | None,
 ) -> TensorRecord:
     if not isinstance(storage, StorageRef):
-        up.refuse("a tensor rebuilt from something that is not a storage of the file")
-    _check_no_hooks(up, backward_hooks)
-    shape = _shape(up, size)
+        _refuse("a tensor rebuilt from something that is not a storage of the file")
+    _check_no_hooks(backward_hooks)
+    shape = _shape(size)
     if not isinstance(stride, tuple | list) or len(stride) != len(shape):
-        up.refuse("a tensor stride that does not match its shape")
+        _refuse("a tensor stride that does not match its shape")
     if not all(type(s) is int and s < 2**62 for s in stride) or any(s < 0 for s in stride):
         shown = ", ".join(map(brief, stride[:8]))
-        up.refuse(f"a tensor with negative or non-integer strides ({shown})")
+        _refuse(f"a tensor with negative or non-integer strides ({shown})")
     if type(offset) is not int or not 0 <= offset < 2**62:
-        up.refuse(f"a tensor with storage offset {brief(offset)}")
+        _refuse(f"a tensor with storage offset {brief(offset)}")
     dtype = dtype or storage.dtype
     itemsize = DTYPE_ITEMSIZE[dtype]
     if storage.nbytes % itemsize:
-        up.refuse(f"a {dtype} tensor on storage {storage.key!r} of {storage.nbytes} bytes")
+        _refuse(f"a {dtype} tensor on storage {storage.key!r} of {storage.nbytes} bytes")
     numel = math.prod(shape)
     extent = (
         0
@@ -574,7 +577,7 @@ def _tensor(
         else offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
     )
     if extent * itemsize > storage.nbytes:
-        up.refuse(
+        _refuse(
             f"a tensor of shape {list(shape)} at offset {offset} reads past the end of storage "
             f"{storage.key!r} ({storage.nbytes} bytes)"
         )
@@ -586,10 +589,9 @@ class _NpDtype(_NoBuild):
 
     qualname = "numpy.dtype"
 
-    def __init__(self, up: _Unpickler, code: Any) -> None:
-        self._up = up
+    def __init__(self, code: Any) -> None:
         if not isinstance(code, str):
-            up.refuse("numpy.dtype with a non-string code")
+            _refuse("numpy.dtype with a non-string code")
         code = NUMPY_CHAR_CODES.get(code, code)
         if code.startswith(("O", "V")):
             raise Refused(
@@ -603,19 +605,19 @@ class _NpDtype(_NoBuild):
     def __setstate__(self, state: Any) -> None:
         # (version, byteorder, subarray, names, fields, elsize, alignment, flags)
         if not (isinstance(state, tuple) and len(state) >= 5):
-            self._up.refuse("numpy dtype with malformed state")
+            _refuse("numpy dtype with malformed state")
         if state[2] is not None or state[3] is not None or state[4] is not None:
-            self._up.refuse("structured numpy dtype (sub-arrays or fields)")
+            _refuse("structured numpy dtype (sub-arrays or fields)")
         if state[1] in ("<", ">", "|", "="):
             self.byteorder = state[1]
 
     def torch_name(self) -> str:
         if self.byteorder == ">" and not self.code.endswith("1"):
-            self._up.refuse(f"big-endian numpy array (dtype >{self.code})")
+            _refuse(f"big-endian numpy array (dtype >{self.code})")
         name = NUMPY_DTYPES.get(self.code)
         if name is None:
-            self._up.refuse(f"numpy dtype {self.code!r} is not numeric")
-        return name  # type: ignore[return-value]
+            _refuse(f"numpy dtype {self.code!r} is not numeric")
+        return name
 
 
 class _NdArray(_NoBuild):
@@ -623,32 +625,32 @@ class _NdArray(_NoBuild):
 
     qualname = "numpy.ndarray"
 
-    def __init__(self, up: _Unpickler) -> None:
-        self._up = up
+    def __init__(self, symbolic: bool) -> None:
+        self._symbolic = symbolic
         self.record: ArrayRecord | None = None
 
     def __setstate__(self, state: Any) -> None:
         # (version, shape, dtype, is_fortran, rawdata)
         if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _NpDtype)):
-            self._up.refuse("numpy array with malformed state")
+            _refuse("numpy array with malformed state")
         _, shape, dtype, fortran, raw = state
         if isinstance(raw, str):  # protocol 0/1 py2 pickles store bytes as latin1 text
             raw = raw.encode("latin1")
         if not isinstance(raw, bytes | bytearray):
-            self._up.refuse("numpy array whose data is not bytes (object array)")
-        self.record = _array(self._up, dtype, _shape(self._up, shape), bool(fortran), bytes(raw))
+            _refuse("numpy array whose data is not bytes (object array)")
+        self.record = _array(self._symbolic, dtype, _shape(shape), bool(fortran), bytes(raw))
 
 
 def _array(
-    up: _Unpickler, dtype: _NpDtype, shape: tuple[int, ...], fortran: bool, raw: bytes
+    symbolic: bool, dtype: _NpDtype, shape: tuple[int, ...], fortran: bool, raw: bytes
 ) -> ArrayRecord:
     name = dtype.torch_name()
     numel = math.prod(shape)
     if numel * DTYPE_ITEMSIZE[name] != len(raw):
-        up.refuse(
+        _refuse(
             f"numpy array of shape {list(shape)} and dtype {dtype.code} has {len(raw)} bytes of data"
         )
-    data = None if up.symbolic else raw
+    data = None if symbolic else raw
     return ArrayRecord(name, dtype.byteorder + dtype.code, shape, fortran, data, len(raw))
 
 
@@ -695,7 +697,7 @@ def _resolve_key(key: Any) -> Any:
 
 
 # the table's names do not depend on the unpickler it closes over
-_BUILDER_NAMES = frozenset(_builders(None))  # type: ignore[arg-type]
+_BUILDER_NAMES = frozenset(_builders(False))
 
 
 def inert_globals(globals_seen: Iterable[str]) -> list[str]:

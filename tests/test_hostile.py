@@ -459,3 +459,23 @@ def test_huge_integers_beside_the_weights_are_described_briefly(tmp_path: Path) 
     path = torch_zip(tmp_path / "bigint.pth", data, {"0": struct.pack("<2f", 1.0, 2.0)})
     info = smartload.inspect(path)
     assert info.extras == {"epoch": "an integer of 23999 bits"}
+
+
+def test_failed_reads_free_what_they_built(tmp_path: Path, touch: str) -> None:
+    """After an error the C unpickler keeps its stack, which gc cannot see into: nothing on it may
+    lead back to the unpickler, or every failed load leaks (found by fuzzing)."""
+    import gc
+
+    from smartload._unpickler import _Unpickler
+
+    files = [
+        storage_size_lie(tmp_path, touch),
+        reduce_in_torch_zip(tmp_path, touch),
+        object_ndarray_pkl(tmp_path, touch),
+    ]
+    for path in files:
+        for _ in range(3):
+            with pytest.raises(smartload.SmartloadError):
+                smartload.inspect(path)
+    gc.collect()
+    assert [o for o in gc.get_objects() if type(o) is _Unpickler] == []
