@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._gc import gc_paused
 from ._report import LoadPlan, LoadReport
 
 if TYPE_CHECKING:
@@ -40,20 +41,21 @@ def diff(
     """
     from ._plan import make_plan
 
-    return make_plan(
-        model,
-        checkpoint,
-        num_classes=num_classes,
-        class_map=class_map,
-        policies=policies,
-        ema=ema,
-        rename=rename,
-        state_dict_path=state_dict_path,
-        source_classes=source_classes,
-        target_classes=target_classes,
-        adapter=adapter,
-        allow_globals=allow_globals,
-    )
+    with gc_paused():
+        return make_plan(
+            model,
+            checkpoint,
+            num_classes=num_classes,
+            class_map=class_map,
+            policies=policies,
+            ema=ema,
+            rename=rename,
+            state_dict_path=state_dict_path,
+            source_classes=source_classes,
+            target_classes=target_classes,
+            adapter=adapter,
+            allow_globals=allow_globals,
+        )
 
 
 def load(
@@ -94,24 +96,34 @@ def load(
     All or nothing: on any error the model is unchanged. With ``dry_run`` nothing is read beyond
     the structure and the model is not touched. ``report_path`` receives the JSON report.
     """
-    plan = diff(
-        model,
-        checkpoint,
-        num_classes=num_classes,
-        class_map=class_map,
-        policies=policies,
-        ema=ema,
-        rename=rename,
-        state_dict_path=state_dict_path,
-        source_classes=source_classes,
-        target_classes=target_classes,
-        adapter=adapter,
-        allow_globals=allow_globals,
-    )
-    if not dry_run:
-        from ._apply import apply_plan
+    from ._apply import apply_plan
+    from ._plan import make_plan, model_tensors
 
-        apply_plan(model, plan, on_nonfinite=on_nonfinite, verify_checksums=verify_checksums)
+    with gc_paused():
+        targets = model_tensors(model)  # read once, for the plan and for the copy
+        plan = make_plan(
+            model,
+            checkpoint,
+            num_classes=num_classes,
+            class_map=class_map,
+            policies=policies,
+            ema=ema,
+            rename=rename,
+            state_dict_path=state_dict_path,
+            source_classes=source_classes,
+            target_classes=target_classes,
+            adapter=adapter,
+            allow_globals=allow_globals,
+            model_sd=targets,
+        )
+        if not dry_run:
+            apply_plan(
+                model,
+                plan,
+                on_nonfinite=on_nonfinite,
+                verify_checksums=verify_checksums,
+                targets=targets,
+            )
     report = LoadReport.from_plan(plan, dry_run=dry_run)
     if report_path is not None:
         report.save(report_path)

@@ -18,8 +18,9 @@ import zipfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
+from ._gc import gc_paused
 from ._records import DTYPE_ITEMSIZE, MAX_NDIM, MAX_NUMEL, Refused, StorageRef, TensorRecord, brief
 from ._unpickler import Marker, unpickle
 from .errors import CheckpointFormatError
@@ -39,8 +40,7 @@ _SAFETENSORS_DTYPES = {
 _ZIP_FORBIDDEN_FLAGS = 0x1 | 0x40 | 0x2000  # encrypted, strong encryption, masked directory
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(NamedTuple):
     """Where a storage's bytes are: ``nbytes`` at ``offset`` in ``file``; ``crc`` if the zip has one."""
 
     file: str
@@ -63,8 +63,11 @@ def read(
     path: str | os.PathLike[str], *, symbolic: bool = False, allow_globals: Iterable[str] = ()
 ) -> RawCheckpoint:
     """Read a checkpoint file or directory's structure. See the module docstring."""
-    path = os.fspath(path)
-    allow = frozenset(allow_globals)
+    with gc_paused():
+        return _read(os.fspath(path), symbolic, frozenset(allow_globals))
+
+
+def _read(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
     if os.path.isdir(path):
         return _read_directory(path, symbolic, allow)
     st = _regular_file(path)
@@ -134,134 +137,222 @@ def _sniff(path: str, head: bytes, size: int) -> str:
 
 
 def _read_torch_zip(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
-    try:
-        archive = zipfile.ZipFile(path)
-    except Exception as exc:  # zipfile reports bad archives with many types
-        raise CheckpointFormatError(
-            path, f"corrupt zip archive ({type(exc).__name__}: {exc})", "Download it again"
-        ) from None
-    with archive, open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            names = archive.namelist()
-            if any("/code/" in name or name.endswith("constants.pkl") for name in names):
-                raise CheckpointFormatError(
-                    path,
-                    "a TorchScript archive (it contains code/ and constants.pkl)",
-                    "smartload never runs TorchScript; export a state dict with "
-                    "torch.save(model.state_dict()) from code you trust",
-                )
-            members = _check_zip_directory(path, archive, size)
-            pkl = [name for name in members if name.rpartition("/")[2] == "data.pkl"]
-            if len(pkl) != 1 or pkl[0].count("/") != 1:
-                raise CheckpointFormatError(
-                    path,
-                    f"expected exactly one <name>/data.pkl in the zip, found {len(pkl)}",
-                    "This is not a torch.save archive",
-                )
-            prefix = pkl[0][: -len("data.pkl")]
-            order = members.get(prefix + "byteorder")
-            if order is not None and _member_bytes(path, mm, order) != b"little":
-                raise CheckpointFormatError(
-                    path, "a big-endian checkpoint", "Re-save it on x86/ARM"
-                )
-            pickle_bytes = _member_bytes(path, mm, members[pkl[0]], check_crc=True)
-            storages: dict[str, StorageRef] = {}
-            sources: dict[str, Source] = {}
-
-            def persistent_load(pid: Any) -> StorageRef:
-                ref = _storage_ref(pid, storages)
-                if ref.key not in sources:
-                    info = members.get(f"{prefix}data/{ref.key}")
-                    if info is None:
-                        raise Refused(f"storage {ref.key!r} is missing")
-                    offset = _data_offset(path, mm, info)
-                    if info.file_size < ref.nbytes:
-                        raise Refused(
-                            f"storage {info.filename!r} declares {ref.nbytes} bytes but holds "
-                            f"{info.file_size}"
-                        )
-                    sources[ref.key] = Source(path, offset, ref.nbytes, info.CRC)
-                return ref
-
-            stream = io.BytesIO(pickle_bytes)
-            tree, globals_ = unpickle(
-                stream,
-                path=path,
-                member=pkl[0],
-                symbolic=symbolic,
-                allow_globals=allow,
-                persistent_load=persistent_load,
-                end=len(pickle_bytes),
+    try:
+        members = _zip_members(path, mm)
+        pkl = [name for name in members if name.rpartition("/")[2] == "data.pkl"]
+        if len(pkl) != 1 or pkl[0].count("/") != 1:
+            raise CheckpointFormatError(
+                path,
+                f"expected exactly one <name>/data.pkl in the zip, found {len(pkl)}",
+                "This is not a torch.save archive",
             )
-        finally:
-            mm.close()
+        prefix = pkl[0][: -len("data.pkl")]
+        order = members.get(prefix + "byteorder")
+        if order is not None and _member_bytes(path, mm, order) != b"little":
+            raise CheckpointFormatError(path, "a big-endian checkpoint", "Re-save it on x86/ARM")
+        pickle_bytes = _member_bytes(path, mm, members[pkl[0]], check_crc=True)
+        storages: dict[str, StorageRef] = {}
+        sources: dict[str, Source] = {}
+        data_prefix = f"{prefix}data/"
+
+        def persistent_load(pid: Any) -> StorageRef:
+            ref = _storage_ref(pid, storages)
+            key = ref.key
+            if key not in sources:
+                member = members.get(data_prefix + key)
+                if member is None:
+                    raise Refused(f"storage {key!r} is missing")
+                offset = _data_offset(path, mm, member)
+                nbytes = ref.numel * DTYPE_ITEMSIZE[ref.dtype]
+                if member.size < nbytes:
+                    raise Refused(
+                        f"storage {member.name!r} declares {nbytes} bytes but holds {member.size}"
+                    )
+                sources[key] = Source(path, offset, nbytes, member.crc)
+            return ref
+
+        tree, globals_ = unpickle(
+            io.BytesIO(pickle_bytes),
+            path=path,
+            member=pkl[0],
+            symbolic=symbolic,
+            allow_globals=allow,
+            persistent_load=persistent_load,
+            end=len(pickle_bytes),
+        )
+    finally:
+        mm.close()
     return RawCheckpoint(path, "torch-zip", tree, sources, globals_)
 
 
-def _check_zip_directory(
-    path: str, archive: zipfile.ZipFile, size: int
-) -> dict[str, zipfile.ZipInfo]:
-    members: dict[str, zipfile.ZipInfo] = {}
-    for info in archive.infolist():
-        if info.filename in members:
-            raise CheckpointFormatError(
-                path, f"duplicate zip member {info.filename!r}", "The archive was tampered with"
+class _Member(NamedTuple):
+    """A stored zip member, from the central directory."""
+
+    name: str
+    raw_name: bytes  # as the central directory spells it; the local header must agree
+    header_offset: int
+    size: int
+    crc: int
+
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record, 22 bytes
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")  # 20 bytes, just before the end record
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # 56 bytes
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # central directory entry, 46 bytes + name ...
+_LOCAL = struct.Struct("<4s5H3L2H")  # local header, 30 bytes + name + extra
+_ZIP64_MARK = 0xFFFFFFFF
+
+
+def _zip_members(path: str, mm: mmap.mmap) -> dict[str, _Member]:
+    """The central directory, checked: one entry per name, stored (not compressed), unencrypted,
+    inside the file. Our own reader rather than ``zipfile``: it costs 1 µs per member instead of
+    3.5, and it keeps the raw names for the local-header check."""
+    size = len(mm)
+
+    def corrupt(problem: str) -> CheckpointFormatError:
+        return CheckpointFormatError(path, f"corrupt zip archive ({problem})", "Download it again")
+
+    end = mm.rfind(b"PK\x05\x06", max(0, size - _EOCD.size - 0xFFFF))
+    if end < 0 or end + _EOCD.size > size:
+        raise corrupt("no end of central directory record; the file is truncated")
+    _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(mm, end)
+    if disk or cd_disk:
+        raise corrupt("a multi-disk archive")
+    if count == 0xFFFF or cd_size == _ZIP64_MARK or cd_offset == _ZIP64_MARK:
+        locator = end - _EOCD64_LOCATOR.size
+        if locator < 0 or mm[locator : locator + 4] != b"PK\x06\x07":
+            raise corrupt("zip64 end record locator missing")
+        at = _EOCD64_LOCATOR.unpack_from(mm, locator)[2]
+        if at + _EOCD64.size > locator or mm[at : at + 4] != b"PK\x06\x06":
+            raise corrupt("zip64 end record missing")
+        *_, count, cd_size, cd_offset = _EOCD64.unpack_from(mm, at)
+        end = at
+    if cd_offset + cd_size > end:
+        raise corrupt("the central directory lies outside the file")
+    entries = []
+    unpack = _CENTRAL.unpack_from
+    pos, cd_end = cd_offset, cd_offset + cd_size
+    for _ in range(count):
+        if pos + _CENTRAL.size > cd_end:
+            raise corrupt("the central directory is truncated")
+        (
+            sig,
+            _,
+            _,
+            _,
+            _,
+            flags,
+            method,
+            _,
+            _,
+            crc,
+            csize,
+            usize,
+            nlen,
+            xlen,
+            clen,
+            _,
+            _,
+            _,
+            offset,
+        ) = unpack(mm, pos)
+        if sig != b"PK\x01\x02":
+            raise corrupt(f"bad central directory entry at byte {pos}")
+        raw = mm[pos + 46 : pos + 46 + nlen]
+        try:
+            name = raw.decode("utf-8" if flags & 0x800 else "cp437")
+        except UnicodeDecodeError:
+            raise corrupt(f"a member name that is not UTF-8 ({raw[:80]!r})") from None
+        if _ZIP64_MARK in (usize, csize, offset):
+            usize, csize, offset = _zip64_extra(
+                mm[pos + 46 + nlen : pos + 46 + nlen + xlen], usize, csize, offset, corrupt
             )
-        if info.compress_type != zipfile.ZIP_STORED:
+        pos += 46 + nlen + xlen + clen
+        entries.append((name, raw, flags, method, crc, csize, usize, offset))
+    if any("/code/" in e[0] or e[0].endswith("constants.pkl") for e in entries):
+        raise CheckpointFormatError(
+            path,
+            "a TorchScript archive (it contains code/ and constants.pkl)",
+            "smartload never runs TorchScript; export a state dict with "
+            "torch.save(model.state_dict()) from code you trust",
+        )
+    members: dict[str, _Member] = {}
+    for name, raw, flags, method, crc, csize, usize, offset in entries:
+        if name in members:
+            raise CheckpointFormatError(
+                path, f"duplicate zip member {name!r}", "The archive was tampered with"
+            )
+        if method != zipfile.ZIP_STORED:
             raise CheckpointFormatError(
                 path,
-                f"zip member {info.filename!r} is compressed (method {info.compress_type})",
+                f"zip member {name!r} is compressed (method {method})",
                 "torch.save never compresses; the archive was made by another tool",
             )
-        if info.flag_bits & _ZIP_FORBIDDEN_FLAGS:
+        if flags & _ZIP_FORBIDDEN_FLAGS:
             raise CheckpointFormatError(
-                path, f"zip member {info.filename!r} is encrypted (flags {info.flag_bits:#x})"
+                path, f"zip member {name!r} is encrypted (flags {flags:#x})"
             )
-        if (
-            info.file_size != info.compress_size
-            or info.header_offset < 0
-            or info.header_offset + info.file_size > size
-        ):
+        if usize != csize or offset + usize > size:
             raise CheckpointFormatError(
                 path,
-                f"zip member {info.filename!r} declares {info.file_size} bytes, more than the file",
+                f"zip member {name!r} declares {usize} bytes, more than the file",
                 "The file is truncated or was tampered with",
             )
-        members[info.filename] = info
+        members[name] = _Member(name, raw, offset, usize, crc)
     return members
 
 
-def _data_offset(path: str, mm: mmap.mmap, info: zipfile.ZipInfo) -> int:
-    start = info.header_offset
-    header = mm[start : start + 30]
-    if len(header) < 30 or header[:4] != b"PK\x03\x04":
-        raise CheckpointFormatError(path, f"zip member {info.filename!r}: bad local header")
-    method, name_len, extra_len = (int(v) for v in struct.unpack("<8xH16xHH", header))
+def _zip64_extra(
+    extra: bytes, usize: int, csize: int, offset: int, corrupt: Any
+) -> tuple[int, int, int]:
+    """The 64-bit sizes and offset a zip64 extra field holds for the 32-bit fields set to ~0."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<2H", extra, pos)
+        if tag == 1:
+            values = list(struct.unpack_from(f"<{min(length, 24) // 8}Q", extra, pos + 4))
+            out = []
+            for field in (usize, csize, offset):
+                if field == _ZIP64_MARK:
+                    if not values:
+                        raise corrupt("a zip64 extra field too short")
+                    field = values.pop(0)
+                out.append(field)
+            return out[0], out[1], out[2]
+        pos += 4 + length
+    raise corrupt("a zip64 member without its zip64 extra field")
+
+
+def _data_offset(path: str, mm: mmap.mmap, member: _Member) -> int:
+    start = member.header_offset
+    if start + _LOCAL.size > len(mm):
+        raise CheckpointFormatError(path, f"zip member {member.name!r}: bad local header")
+    sig, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(mm, start)
+    if sig != b"PK\x03\x04":
+        raise CheckpointFormatError(path, f"zip member {member.name!r}: bad local header")
     name = mm[start + 30 : start + 30 + name_len]
-    if name != info.filename.encode("utf-8") and name != info.filename.encode("cp437"):
+    if name != member.raw_name:
         raise CheckpointFormatError(
             path,
-            f"zip member {info.filename!r}: local header names {name[:80]!r}",
+            f"zip member {member.name!r}: local header names {name[:80]!r}",
             "The archive was tampered with (local/central name mismatch)",
         )
     if method != zipfile.ZIP_STORED:
-        raise CheckpointFormatError(path, f"zip member {info.filename!r} is compressed")
-    offset = start + 30 + name_len + extra_len
-    if offset + info.file_size > len(mm):
-        raise CheckpointFormatError(path, f"zip member {info.filename!r} is truncated")
+        raise CheckpointFormatError(path, f"zip member {member.name!r} is compressed")
+    offset: int = start + 30 + name_len + extra_len
+    if offset + member.size > len(mm):
+        raise CheckpointFormatError(path, f"zip member {member.name!r} is truncated")
     return offset
 
 
-def _member_bytes(
-    path: str, mm: mmap.mmap, info: zipfile.ZipInfo, check_crc: bool = False
-) -> bytes:
-    offset = _data_offset(path, mm, info)
-    data = mm[offset : offset + info.file_size]
-    if check_crc and zlib.crc32(data) != info.CRC:
+def _member_bytes(path: str, mm: mmap.mmap, member: _Member, check_crc: bool = False) -> bytes:
+    offset = _data_offset(path, mm, member)
+    data = mm[offset : offset + member.size]
+    if check_crc and zlib.crc32(data) != member.crc:
         raise CheckpointFormatError(
-            path, f"CRC mismatch in zip member {info.filename!r}", "The file is corrupt"
+            path, f"CRC mismatch in zip member {member.name!r}", "The file is corrupt"
         )
     return data
 

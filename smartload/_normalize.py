@@ -45,6 +45,8 @@ def is_leaf(value: Any) -> bool:
 
 
 def leaf_shape(value: Any) -> tuple[int, ...]:
+    if type(value) is TensorRecord:  # already a tuple of ints
+        return value.shape
     return tuple(int(s) for s in value.shape)
 
 

@@ -24,12 +24,18 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+_DTYPES = {name: torch_dtype(name) for name in ("float32", "float16", "bfloat16", "int64")}
+
+
 class Materializer:
-    """Opens each file once (``UntypedStorage.from_file``: a private, copy-on-write mmap)."""
+    """Opens each file once (``UntypedStorage.from_file``: a private, copy-on-write mmap) and
+    views it once per dtype, so a tensor costs one ``as_strided`` call."""
 
     def __init__(self, sources: Mapping[str, Source], *, verify_crc: bool = False) -> None:
         self._sources = sources
         self._files: dict[str, torch.Tensor] = {}
+        self._typed: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._sizes: dict[str, int] = {}  # bytes of each file
         self._verify_crc = verify_crc
         self._checked: set[str] = set()
 
@@ -51,10 +57,35 @@ class Materializer:
             storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
             data = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
             self._files[path] = data
+            self._sizes[path] = size
         return data
+
+    def _typed_file(self, path: str, dtype: torch.dtype) -> torch.Tensor:
+        typed = self._typed.get((path, dtype))
+        if typed is None:
+            data = self._file_bytes(path)
+            itemsize = dtype.itemsize
+            typed = data[: len(data) - len(data) % itemsize].view(dtype)
+            self._typed[(path, dtype)] = typed
+        return typed
 
     def _from_record(self, record: TensorRecord) -> torch.Tensor:
         source = self._sources[record.storage.key]
+        dtype = _DTYPES.get(record.dtype) or torch_dtype(record.dtype)
+        itemsize = dtype.itemsize
+        if self._verify_crc or source.offset % itemsize:
+            return self._from_record_slowly(record, source, dtype)
+        typed = self._typed_file(source.file, dtype)
+        if source.offset + source.nbytes > self._sizes[source.file]:
+            raise CheckpointFormatError(source.file, f"storage {record.storage.key!r} is truncated")
+        return typed.as_strided(
+            record.shape, record.stride, source.offset // itemsize + record.offset
+        )
+
+    def _from_record_slowly(
+        self, record: TensorRecord, source: Source, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Storages checked against their CRC, or not aligned to their dtype (safetensors)."""
         raw = self._file_bytes(source.file)[source.offset : source.offset + source.nbytes]
         if len(raw) != source.nbytes:
             raise CheckpointFormatError(source.file, f"storage {record.storage.key!r} is truncated")
@@ -66,9 +97,7 @@ class Materializer:
                     "The file is corrupt",
                 )
             self._checked.add(record.storage.key)
-        dtype = torch_dtype(record.dtype)
-        itemsize = dtype.itemsize
-        if source.offset % itemsize:  # safetensors does not align its tensors: copy those few
+        if source.offset % dtype.itemsize:  # safetensors does not align its tensors: copy those
             raw = raw.clone()
         typed = raw.view(dtype)
         # as_strided's offset counts from the start of the storage, not of the view
