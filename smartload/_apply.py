@@ -129,8 +129,9 @@ def _nonfinite(tensors: Mapping[str, tuple[torch.Tensor, str]]) -> list[str]:
         finite = torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf"))))
         if not bool(finite.all()):
             suspects.extend(k for k, ok in zip(keys, finite.tolist(), strict=True) if not ok)
+    order = {key: i for i, key in enumerate(tensors)}
     out = []
-    for key in suspects:
+    for key in sorted(suspects, key=order.__getitem__):
         t = tensors[key][0]
         if _FLOAT_KINDS[tensors[key][1]] == "float8":
             t = t.float()
@@ -212,15 +213,18 @@ def _commit(
 
 
 def _custom_loaders(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Modules whose loading must go through their own ``_load_from_state_dict`` or hooks.
+    """Modules whose loading must go through their own ``_load_from_state_dict`` or hooks, and
+    those with extra state (a copy into what ``get_extra_state`` returned would be lost).
 
     BatchNorm's override only fills in ``num_batches_tracked`` for very old checkpoints, which a
     copy by name already handles (the key is then "missing" and keeps the model's value).
     """
-    base = torch.nn.Module._load_from_state_dict
+    base = torch.nn.Module
     norm = torch.nn.modules.batchnorm._NormBase._load_from_state_dict
     return {
         name: m
         for name, m in model.named_modules()
-        if type(m)._load_from_state_dict not in (base, norm) or m._load_state_dict_pre_hooks
+        if type(m)._load_from_state_dict not in (base._load_from_state_dict, norm)
+        or type(m).set_extra_state is not base.set_extra_state
+        or m._load_state_dict_pre_hooks
     }

@@ -321,6 +321,21 @@ def _decide(
     model_dtype = _DTYPE_NAMES.get(param.dtype) or str(param.dtype).removeprefix("torch.")
     numel = param.numel()
     ckpt_dtype = leaf_dtype(leaf) if leaf is not None else None
+    if policy is None and rule is None and ckpt_dtype is not None and ckpt_shape == model_shape:
+        # the common case (all but the heads), spelled out: this runs once per key
+        return PlanEntry(
+            key,
+            "copy",
+            source,
+            ckpt_shape,
+            model_shape,
+            "same shape",
+            ckpt_dtype,
+            model_dtype,
+            cast_kind(ckpt_dtype, model_dtype),
+            numel,
+            fill=0.0 if key.endswith("bias") else None,
+        )
     std = rule.std if rule else 0.01
     fill = (rule.bias if rule else 0.0) if key.endswith("bias") else None
     base: dict[str, Any] = {
