@@ -329,25 +329,26 @@ def run(loader: str, model_spec: str, path: Path, case: str, cold: bool) -> dict
         text=True,
     )
     elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{loader} on {path.name} ({case}) failed:\n{proc.stderr[-2000:]}")
+    _last_child_cpu()
+    if proc.returncode != 0:  # a peer that cannot do this case: the table says why
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        return {"error": lines[-1].strip() if lines else f"exit {proc.returncode}"}  # type: ignore[dict-item]
     result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
-    others = max(0.0, _cpu_busy() - busy - _last_child_cpu())
+    others = max(0.0, _cpu_busy() - busy - _CHILDREN_CPU[1])
     result["others_pct"] = 100 * others / (elapsed * (os.cpu_count() or 1))
     return result
 
 
-_CHILDREN_CPU = [0.0]  # CPU seconds of all children so far
+_CHILDREN_CPU = [0.0, 0.0]  # CPU seconds of all children so far, of the last one
 
 
-def _last_child_cpu() -> float:
-    """CPU seconds the last child used: the growth of RUSAGE_CHILDREN since the previous call."""
+def _last_child_cpu() -> None:
+    """Record the CPU seconds the last child used (the growth of RUSAGE_CHILDREN)."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = usage.ru_utime + usage.ru_stime
-    last, _CHILDREN_CPU[0] = total - _CHILDREN_CPU[0], total
-    return last
+    _CHILDREN_CPU[1], _CHILDREN_CPU[0] = total - _CHILDREN_CPU[0], total
 
 
 def _cases() -> dict[str, list[tuple[str, str, str, str, list[str]]]]:
@@ -457,12 +458,17 @@ def _print_tables(
             best: dict[str, float] = {}
             for loader in loaders:
                 fmt, kind, _ = LOADERS[loader]
-                med = statistics.median(r["wall"] for r in results[(section, label, loader)])
-                if kind == "plain":
+                rs = [r for r in results[(section, label, loader)] if "error" not in r]
+                if kind == "plain" and rs:
+                    med = statistics.median(r["wall"] for r in rs)
                     best[fmt] = min(best.get(fmt, med), med)
             for loader in loaders:
                 fmt, kind, _ = LOADERS[loader]
                 rs = results[(section, label, loader)]
+                if any("error" in r for r in rs):
+                    error = next(str(r["error"]) for r in rs if "error" in r)
+                    print(f"| {label} | {loader.strip()} | {fmt} | fails: {error[:90]} | | | | | |")
+                    continue
                 walls = [r["wall"] for r in rs]
                 med = statistics.median(walls)
                 ratio = f"{med / best[fmt]:.2f}×" if fmt in best else "–"

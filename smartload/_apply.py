@@ -119,7 +119,7 @@ def _nonfinite(tensors: Mapping[str, tuple[torch.Tensor, str]]) -> list[str]:
         if kind == "float8":  # no sum, no norm, no isfinite
             if not _finite_by_chunks(t):
                 suspects.append(key)
-        elif kind == "real" and t.numel() < _BATCH_BELOW:
+        elif kind == "real" and t.is_cpu and t.numel() < _BATCH_BELOW:
             keys, group = small.setdefault(dtype, ([], []))
             keys.append(key)
             group.append(t)
@@ -184,29 +184,31 @@ def _commit(
     model: torch.nn.Module, targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
 ) -> None:
     custom = _custom_loaders(model)
-    # Versioned loaders (FrozenBatchNorm ...) see the model's own version: the values are being
-    # loaded as if this code had saved them.
-    metadata = getattr(model.state_dict(), "_metadata", {}) if custom else {}
     routed: dict[str, dict[str, torch.Tensor]] = {}
-    destinations: list[torch.Tensor] = []
-    sources: list[torch.Tensor] = []
-    if not custom:
-        destinations = [targets[key] for key in values]
-        sources = list(values.values())
-    for key, value in values.items() if custom else ():
-        owner = key.rpartition(".")[0]
-        if owner in custom:
-            routed.setdefault(owner, {})[key] = value
-        else:
-            destinations.append(targets[key])
-            sources.append(value)
+    plain: Mapping[str, torch.Tensor] = values
+    if custom:
+        rest: dict[str, torch.Tensor] = {}
+        for key, value in values.items():
+            owner = key.rpartition(".")[0]
+            if owner in custom:
+                routed.setdefault(owner, {})[key] = value
+            else:
+                rest[key] = value
+        plain = rest
+    destinations = [targets[key] for key in plain]
+    sources = list(plain.values())
     with torch.no_grad():
-        if destinations:  # one call: at 20,000 keys a copy_ each costs 30 ms more
+        if destinations and all(d.is_cpu for d in destinations):  # one call, not one per key
             torch._foreach_copy_(destinations, sources)
+        else:  # a model on an accelerator: copy_ moves each tensor there
+            for destination, source in zip(destinations, sources, strict=True):
+                destination.copy_(source)
         for owner, state in routed.items():
             errors: list[str] = []
             prefix = owner + "." if owner else ""
-            local = dict(metadata.get(owner, {}))
+            # Versioned loaders (FrozenBatchNorm ...) see the module's own version, as
+            # state_dict() would record it: the values are loaded as if this code had saved them.
+            local = {"version": custom[owner]._version}
             custom[owner]._load_from_state_dict(state, prefix, local, False, [], [], errors)
             if errors:
                 raise CheckpointFormatError("<model>", f"module {owner!r} refused: {errors[0]}")

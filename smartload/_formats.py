@@ -214,9 +214,15 @@ def _zip_members(path: str, mm: mmap.mmap) -> dict[str, _Member]:
     def corrupt(problem: str) -> CheckpointFormatError:
         return CheckpointFormatError(path, f"corrupt zip archive ({problem})", "Download it again")
 
-    end = mm.rfind(b"PK\x05\x06", max(0, size - _EOCD.size - 0xFFFF))
-    if end < 0 or end + _EOCD.size > size:
-        raise corrupt("no end of central directory record; the file is truncated")
+    # the end record is the last 22 bytes, unless a comment (up to 64 KB) follows it
+    floor, end = max(0, size - _EOCD.size - 0xFFFF), size
+    while True:
+        end = mm.rfind(b"PK\x05\x06", floor, end)
+        if end < 0 or end + _EOCD.size > size:
+            raise corrupt("no end of central directory record; the file is truncated")
+        *_, comment_length = _EOCD.unpack_from(mm, end)
+        if end + _EOCD.size + comment_length == size:
+            break
     _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(mm, end)
     if disk or cd_disk:
         raise corrupt("a multi-disk archive")

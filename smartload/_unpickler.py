@@ -254,7 +254,9 @@ def _walk(data: Any, i: int) -> int:
     """:func:`_prescan` over a buffer, from offset ``i``; returns the offset after the STOP."""
     stack: list[int] = []
     marks: list[int] = []
-    depths: dict[int, int] = {}  # memo index → tuple depth, for the non-zero ones
+    # memo index → tuple depth, for the non-zero ones; an index memoized twice keeps the deeper
+    # (an overestimate is safe, and real pickles never reuse an index)
+    depths: dict[int, int] = {}
     globals_named = 0
     # locals: this loop runs 700,000 times for a 20,000-tensor checkpoint
     push, pop, mark, get = stack.append, stack.pop, marks.append, depths.get
@@ -271,8 +273,9 @@ def _walk(data: Any, i: int) -> int:
                     raise Refused(
                         f"a memo index {index} far beyond the {limit - gap} objects memoized"
                     )
-                if stack[-1]:  # a depth of 0 needs no entry (a later GET defaults to 0)
-                    depths[index] = stack[-1]
+                top = stack[-1]
+                if top > get(index, 0):  # an index memoized twice keeps the deeper of the two
+                    depths[index] = top
                 limit += 1
                 continue
             if op == 0x4B:  # BININT1
@@ -312,8 +315,9 @@ def _walk(data: Any, i: int) -> int:
                 stack[-1] = depth
                 continue
             if op == 0x71:  # BINPUT: an index below 256 is never far ahead
-                if stack[-1]:
-                    depths[data[i]] = stack[-1]
+                top = stack[-1]
+                if top > get(data[i], 0):
+                    depths[data[i]] = top
                 i += 1
                 limit += 1
                 continue
@@ -373,7 +377,8 @@ def _walk(data: Any, i: int) -> int:
                 index = puts if argmode == _FIXED and size == 0 else _int_arg(data, arg, i, argmode)
                 if index > limit:
                     raise Refused(f"a memo index {index} far beyond the {puts} objects memoized")
-                depths[index] = stack[-1]
+                if stack[-1] > get(index, 0):
+                    depths[index] = stack[-1]
                 limit += 1
                 continue
             elif kind == _GET:
