@@ -274,7 +274,7 @@ def _walk(data: Any, i: int) -> int:
                         f"a memo index {index} far beyond the {limit - gap} objects memoized"
                     )
                 top = stack[-1]
-                if top > get(index, 0):  # an index memoized twice keeps the deeper of the two
+                if top and top > get(index, 0):  # a twice-memoized index keeps the deeper
                     depths[index] = top
                 limit += 1
                 continue
@@ -316,7 +316,7 @@ def _walk(data: Any, i: int) -> int:
                 continue
             if op == 0x71:  # BINPUT: an index below 256 is never far ahead
                 top = stack[-1]
-                if top > get(data[i], 0):
+                if top and top > get(data[i], 0):
                     depths[data[i]] = top
                 i += 1
                 limit += 1
