@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -315,22 +316,30 @@ def _cpu_busy() -> float:
 
 
 def run(loader: str, model_spec: str, path: Path, case: str, cold: bool) -> dict[str, float]:
-    _evict(path) if cold else _cache(path)
-    busy, start = _cpu_busy(), time.perf_counter()
+    if cold:
+        _evict(path)
+    else:
+        _cache(path)
+    busy, children, start = _cpu_busy(), _children_cpu(), time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--child", loader, model_spec, str(path), case],
         capture_output=True,
         text=True,
     )
     elapsed = time.perf_counter() - start
-    _last_child_cpu()
     if proc.returncode != 0:  # a peer that cannot do this case: the table says why
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         return {"error": lines[-1].strip() if lines else f"exit {proc.returncode}"}  # type: ignore[dict-item]
     result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
-    others = max(0.0, _cpu_busy() - busy - _CHILDREN_CPU[1])
+    others = max(0.0, (_cpu_busy() - busy) - (_children_cpu() - children))
     result["others_pct"] = 100 * others / (elapsed * (os.cpu_count() or 1))
     return result
+
+
+def _children_cpu() -> float:
+    """CPU seconds used by the children that have exited so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _evict(path: Path) -> None:
@@ -355,18 +364,6 @@ def _cache(path: Path) -> None:
     with open(path, "rb", buffering=0) as f:
         while f.readinto(buffer):
             pass
-
-
-_CHILDREN_CPU = [0.0, 0.0]  # CPU seconds of all children so far, of the last one
-
-
-def _last_child_cpu() -> None:
-    """Record the CPU seconds the last child used (the growth of RUSAGE_CHILDREN)."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = usage.ru_utime + usage.ru_stime
-    _CHILDREN_CPU[1], _CHILDREN_CPU[0] = total - _CHILDREN_CPU[0], total
 
 
 def _cases() -> dict[str, list[tuple[str, str, str, str, list[str]]]]:
