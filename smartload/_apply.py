@@ -114,9 +114,9 @@ def _nonfinite(tensors: Mapping[str, tuple[torch.Tensor, str]]) -> list[str]:
     small: dict[str, tuple[list[str], list[torch.Tensor]]] = {}
     for key, (t, dtype) in tensors.items():
         kind = _FLOAT_KINDS.get(dtype)
-        if kind is None:
+        if kind is None or t.numel() == 0:
             continue
-        if kind == "float8":  # no sum, no norm, no isfinite
+        if kind == "upcast":  # float8, complex32: no sum, no norm, no isfinite
             if not _finite_by_chunks(t):
                 suspects.append(key)
         elif kind == "real" and t.is_cpu and t.numel() < _BATCH_BELOW:
@@ -133,8 +133,8 @@ def _nonfinite(tensors: Mapping[str, tuple[torch.Tensor, str]]) -> list[str]:
     out = []
     for key in sorted(suspects, key=order.__getitem__):
         t = tensors[key][0]
-        if _FLOAT_KINDS[tensors[key][1]] == "float8":
-            t = t.float()
+        if _FLOAT_KINDS[tensors[key][1]] == "upcast":
+            t = t.to(_upcast_dtype(t))
         nan = int(torch.isnan(t).sum())
         inf = int(torch.isinf(t).sum())
         if nan or inf:
@@ -145,18 +145,23 @@ def _nonfinite(tensors: Mapping[str, tuple[torch.Tensor, str]]) -> list[str]:
 
 _FLOAT_KINDS = {
     **dict.fromkeys(("float64", "float32", "float16", "bfloat16"), "real"),
-    **dict.fromkeys(("complex32", "complex64", "complex128"), "complex"),
+    **dict.fromkeys(("complex64", "complex128"), "complex"),
     **dict.fromkeys(
-        ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"),
-        "float8",
+        ("complex32", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"),
+        "upcast",
     ),
+    "float8_e8m0fnu": "upcast",
 }
 
 
+def _upcast_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.complex64 if t.is_complex() else torch.float32
+
+
 def _finite_by_chunks(t: torch.Tensor) -> bool:
-    flat = t.reshape(-1)
+    flat, dtype = t.reshape(-1), _upcast_dtype(t)
     return all(
-        bool(torch.isfinite(flat[i : i + _CHUNK].float().sum()))
+        bool(torch.isfinite(flat[i : i + _CHUNK].to(dtype).sum()))
         for i in range(0, len(flat), _CHUNK)
     )
 
@@ -198,11 +203,7 @@ def _commit(
     destinations = [targets[key] for key in plain]
     sources = list(plain.values())
     with torch.no_grad():
-        if destinations and all(d.is_cpu for d in destinations):  # one call, not one per key
-            torch._foreach_copy_(destinations, sources)
-        else:  # a model on an accelerator: copy_ moves each tensor there
-            for destination, source in zip(destinations, sources, strict=True):
-                destination.copy_(source)
+        # modules with their own loading first: they are the only step here that can refuse
         for owner, state in routed.items():
             errors: list[str] = []
             prefix = owner + "." if owner else ""
@@ -212,6 +213,11 @@ def _commit(
             custom[owner]._load_from_state_dict(state, prefix, local, False, [], [], errors)
             if errors:
                 raise CheckpointFormatError("<model>", f"module {owner!r} refused: {errors[0]}")
+        if destinations and all(d.is_cpu for d in destinations):  # one call, not one per key
+            torch._foreach_copy_(destinations, sources)
+        else:  # a model on an accelerator: copy_ moves each tensor there
+            for destination, source in zip(destinations, sources, strict=True):
+                destination.copy_(source)
 
 
 def _custom_loaders(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -317,6 +317,8 @@ def _zip64_extra(
     pos = 0
     while pos + 4 <= len(extra):
         tag, length = struct.unpack_from("<2H", extra, pos)
+        if pos + 4 + length > len(extra):
+            raise corrupt("an extra field longer than the space it has")
         if tag == 1:
             values = list(struct.unpack_from(f"<{min(length, 24) // 8}Q", extra, pos + 4))
             out = []

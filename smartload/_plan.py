@@ -125,6 +125,8 @@ def _collect_tensors(module: torch.nn.Module, prefix: str, out: dict[str, torch.
         or cls.get_extra_state is not _BASE.get_extra_state
         or module._state_dict_hooks
         or module._state_dict_pre_hooks
+        or "state_dict" in module.__dict__  # overridden on the instance
+        or "_save_to_state_dict" in module.__dict__
     ):
         return False
     for name, param in module._parameters.items():

@@ -257,9 +257,10 @@ def _walk(data: Any, i: int) -> int:
     # memo index → tuple depth, for the non-zero ones; an index memoized twice keeps the deeper
     # (an overestimate is safe, and real pickles never reuse an index)
     depths: dict[int, int] = {}
+    filled: set[int] = set()  # memo indices set so far: MEMOIZE writes at len(filled), as C does
     globals_named = 0
     # locals: this loop runs 700,000 times for a 20,000-tensor checkpoint
-    push, pop, mark, get = stack.append, stack.pop, marks.append, depths.get
+    push, pop, mark, get, fill = stack.append, stack.pop, marks.append, depths.get, filled.add
     u32, ops, gap, too_deep = _U32, _OPS, _MAX_MEMO_GAP, _MAX_TUPLE_DEPTH
     limit = gap  # the largest memo index allowed now: the objects memoized so far + the gap
     try:
@@ -276,6 +277,7 @@ def _walk(data: Any, i: int) -> int:
                 top = stack[-1]
                 if top and top > get(index, 0):  # a twice-memoized index keeps the deeper
                     depths[index] = top
+                fill(index)
                 limit += 1
                 continue
             if op == 0x4B:  # BININT1
@@ -318,6 +320,7 @@ def _walk(data: Any, i: int) -> int:
                 top = stack[-1]
                 if top and top > get(data[i], 0):
                     depths[data[i]] = top
+                fill(data[i])
                 i += 1
                 limit += 1
                 continue
@@ -351,6 +354,9 @@ def _walk(data: Any, i: int) -> int:
                 continue
             if kind == _STOP:
                 return i
+            if op == 0x30 and marks and marks[-1] == len(stack):  # POP right after a MARK
+                marks.pop()  # C drops the mark, not the item below it
+                continue
             depth = 0
             if kind == _MARK:
                 marks.append(len(stack))
@@ -367,18 +373,22 @@ def _walk(data: Any, i: int) -> int:
                 depth = stack[-1]
                 del stack[-pops:]
             elif pops:
-                if len(stack) < pops:
+                if len(stack) - pops < (marks[-1] if marks else 0):  # C's fence: the last mark
                     raise ValueError(f"stack underflow at byte {arg - 1}")
                 del stack[-pops:]
             if kind == _EMPTY_TUPLE:
                 depth = 1
             elif kind == _PUT:  # the top item stays where it is
                 puts = limit - gap
-                index = puts if argmode == _FIXED and size == 0 else _int_arg(data, arg, i, argmode)
+                if argmode == _FIXED and size == 0:  # MEMOIZE: the next free slot, as C counts
+                    index = len(filled)
+                else:
+                    index = _int_arg(data, arg, i, argmode)
                 if index > limit:
                     raise Refused(f"a memo index {index} far beyond the {puts} objects memoized")
                 if stack[-1] > get(index, 0):
                     depths[index] = stack[-1]
+                fill(index)
                 limit += 1
                 continue
             elif kind == _GET:

@@ -242,3 +242,70 @@ def test_the_collector_is_left_as_it_was(tmp_path: Path, enabled: bool) -> None:
         assert gc.isenabled() is enabled
     finally:
         gc.enable()
+
+
+class Odd(nn.Module):
+    """An empty buffer (no values to check) and a complex32 one (torch cannot sum it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("empty", torch.empty(0))
+        self.register_buffer("half_complex", torch.zeros(3, dtype=torch.complex32))
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_empty_and_complex32_tensors_are_checked(tmp_path: Path) -> None:
+    values = torch.tensor([1 + 2j, -0.5j, 3.0], dtype=torch.complex64).to(torch.complex32)
+    torch.save({"empty": torch.empty(0), "half_complex": values}, tmp_path / "good.pth")
+    model = Odd()
+    smartload.load(model, tmp_path / "good.pth")
+    assert torch.equal(model.half_complex.to(torch.complex64), values.to(torch.complex64))
+
+    broken = values.clone()
+    broken[1] = complex(0, float("nan"))
+    torch.save({"empty": torch.empty(0), "half_complex": broken}, tmp_path / "bad.pth")
+    with pytest.raises(
+        CheckpointFormatError, match=r"non-finite values in 1 tensor\(s\): half_complex \(1 NaN\)"
+    ):
+        smartload.load(Odd(), tmp_path / "bad.pth")
+
+
+def test_zip64_extra_field_longer_than_its_space(tmp_path: Path) -> None:
+    torch.save(make_net(10).state_dict(), tmp_path / "plain.pth")
+    data = bytearray(_to_zip64((tmp_path / "plain.pth").read_bytes()))
+    first = data.index(b"PK\x01\x02")
+    name_length = struct.unpack_from("<H", data, first + 28)[0]
+    extra = first + 46 + name_length
+    data[extra + 2 : extra + 4] = struct.pack("<H", 400)  # the zip64 field claims 400 bytes
+    (tmp_path / "broken.pth").write_bytes(bytes(data))
+    with pytest.raises(CheckpointFormatError, match="an extra field longer than the space it has"):
+        smartload.inspect(tmp_path / "broken.pth")
+
+
+def test_state_dict_overridden_on_an_instance_is_honoured() -> None:
+    model = WithExtras()
+    original = model.state_dict
+    model.state_dict = lambda *a, **k: {  # type: ignore[method-assign]
+        k2: v for k2, v in original(*a, **k).items() if k2 != "kept"
+    }
+    assert "kept" not in model_tensors(model)
+    assert "shared.weight" in model_tensors(model)
+
+
+class Refuses(nn.Linear):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+    ):  # type: ignore[no-untyped-def]
+        errors.append("refused on purpose")
+
+
+def test_a_module_that_refuses_leaves_the_whole_model_unchanged(tmp_path: Path) -> None:
+    """Modules with their own loading run before the batched copy: theirs is the step that can
+    fail, and nothing else has been written when it does."""
+    source = nn.Sequential(nn.Linear(2, 2), Refuses(2, 2))
+    torch.save(source.state_dict(), tmp_path / "ckpt.pth")
+    model = nn.Sequential(nn.Linear(2, 2), Refuses(2, 2))
+    before = snapshot(model)
+    with pytest.raises(CheckpointFormatError, match="module '1' refused: refused on purpose"):
+        smartload.load(model, tmp_path / "ckpt.pth")
+    assert_unchanged(model, before)

@@ -367,6 +367,26 @@ def deep_tuple_key(tmp: Path, cmd: str) -> Path:
     return path
 
 
+def deep_tuple_behind_pop_after_mark(tmp: Path, cmd: str) -> Path:
+    """POP right after MARK drops the mark in C, not the item: a walk that pops the item loses
+    track of the tuple still on the stack, which then grows 98 levels per round (found in review)."""
+    rounds = b"(0K\x00\x86" + b"\x85" * 98  # MARK POP BININT1 TUPLE2 TUPLE1*98
+    path = tmp / "pop.pkl"
+    path.write_bytes(b"\x80\x02)" + b"\x85" * 98 + rounds * 2000 + b"q\x000}h\x00K\x00s.")
+    return path
+
+
+def deep_tuple_behind_memoize(tmp: Path, cmd: str) -> Path:
+    """MEMOIZE writes at the count of filled memo slots, not of PUTs: after a slot is written
+    twice, a walk that counts PUTs files the deep tuple under the wrong index (found in review)."""
+    rounds = b"\x940h\x01" + b"\x85" * 98  # MEMOIZE POP BINGET 1 TUPLE1*98
+    path = tmp / "memoize.pkl"
+    path.write_bytes(
+        b"\x80\x04K\x00q\x01\x940)" + b"\x85" * 98 + rounds * 2000 + b"\x940}h\x01K\x00s."
+    )
+    return path
+
+
 def huge_memo_index(tmp: Path, cmd: str) -> Path:
     path = tmp / "memo.pkl"
     path.write_bytes(b"(lp300000000\n.")  # 14 bytes that make the C unpickler allocate 4.6 GB
@@ -416,6 +436,8 @@ def index_names_itself(tmp: Path, cmd: str) -> Path:
 ATTACKS: dict[str, tuple[Maker, str]] = {
     "build_into_tensor_record": (build_into_tensor_record, "BUILD applied to a TensorRecord"),
     "deep_tuple_key": (deep_tuple_key, "tuples nested more than 100 deep"),
+    "deep_tuple_behind_pop_after_mark": (deep_tuple_behind_pop_after_mark, "tuples nested more than 100 deep"),
+    "deep_tuple_behind_memoize": (deep_tuple_behind_memoize, "tuples nested more than 100 deep"),
     "huge_memo_index": (huge_memo_index, "a memo index 300000000 far beyond the 0 objects memoized"),
     "flood_of_globals": (flood_of_globals, "more than 100000 global lookups"),
     "untyped_storage_not_a_multiple": (untyped_storage_not_a_multiple, "a float32 tensor on storage '0' of 17 bytes"),

@@ -6,6 +6,11 @@ these properties hold it to a plain reference built on ``pickletools.genops``.
 - On mutated pickles (bytes flipped, memo indices planted, cut short), whatever the reference
   refuses as dangerous, the prescan refuses too with the same message, unless the reference
   stopped first on a malformed argument the prescan does not decode (the C unpickler rejects it).
+
+Both follow the C unpickler's own rules where a simpler model of the stack would drift from it
+(a review found two such drifts that hid a deep tuple): POP right after MARK drops the mark, no
+opcode pops below the last mark, and MEMOIZE writes at the count of filled memo slots.
+tests/test_hostile.py pins the two attacks.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ def reference(data: bytes) -> None:
             continue
         if name == "STOP":
             return
+        if name == "POP" and marks and marks[-1] == len(stack):  # C drops the mark instead
+            marks.pop()
+            continue
         if "mark" in before:
             at = marks.pop()
             if name in ("TUPLE", "FROZENSET"):
@@ -52,16 +60,17 @@ def reference(data: bytes) -> None:
             depth = stack[-1]
             del stack[-len(before) :]
         elif before and name not in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            if len(stack) < len(before):
+            if len(stack) - len(before) < (marks[-1] if marks else 0):  # C's fence
                 raise IndexError("underflow")
             del stack[-len(before) :]
         if name == "EMPTY_TUPLE":
             depth = 1
         elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            index = puts if arg is None else int(arg)
+            index = len(memo) if arg is None else int(arg)  # MEMOIZE: C's count of slots
             if index > puts + _MAX_MEMO_GAP:
                 raise Refused(f"a memo index {index} far beyond the {puts} objects memoized")
             memo[index] = max(memo.get(index, 0), stack[-1])  # as conservative as the prescan
+            # (memo holds every index written, so len(memo) is C's count of filled slots)
             puts += 1
             continue
         elif name in ("GET", "BINGET", "LONG_BINGET"):
