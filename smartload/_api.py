@@ -96,12 +96,8 @@ def load(
     All or nothing: on any error the model is unchanged. With ``dry_run`` nothing is read beyond
     the structure and the model is not touched. ``report_path`` receives the JSON report.
     """
-    from ._apply import apply_plan
-    from ._plan import make_plan, model_tensors
-
     with gc_paused():
-        targets = model_tensors(model)  # read once, for the plan and for the copy
-        plan = make_plan(
+        plan = diff(
             model,
             checkpoint,
             num_classes=num_classes,
@@ -114,15 +110,16 @@ def load(
             target_classes=target_classes,
             adapter=adapter,
             allow_globals=allow_globals,
-            model_sd=targets,
         )
         if not dry_run:
+            from ._apply import apply_plan
+
             apply_plan(
                 model,
                 plan,
                 on_nonfinite=on_nonfinite,
                 verify_checksums=verify_checksums,
-                targets=targets,
+                targets=plan.targets,  # the model was walked once, for the plan
             )
     report = LoadReport.from_plan(plan, dry_run=dry_run)
     if report_path is not None:

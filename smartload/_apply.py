@@ -129,7 +129,9 @@ def _nonfinite(tensors: Mapping[str, tuple[torch.Tensor, str]]) -> list[str]:
         finite = torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf"))))
         if not bool(finite.all()):
             suspects.extend(k for k, ok in zip(keys, finite.tolist(), strict=True) if not ok)
-    order = {key: i for i, key in enumerate(tensors)}
+    if not suspects:
+        return []
+    order = {key: i for i, key in enumerate(tensors)}  # report in the checkpoint's order
     out = []
     for key in sorted(suspects, key=order.__getitem__):
         t = tensors[key][0]

@@ -8,6 +8,7 @@ other mismatch → :class:`IncompatibleCheckpointError`. User policies (globs) o
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -147,7 +148,9 @@ def _first_policy(compiled: list[tuple[str, str]], key: str) -> tuple[str, str] 
     return next(((p, a) for p, a in compiled if fnmatch.fnmatchcase(key, p)), None)
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+@functools.cache  # once per dtype, not once per key
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _compile_policies(policies: Mapping[str, str] | None) -> list[tuple[str, str]]:
@@ -190,14 +193,11 @@ def make_plan(
     target_classes: Sequence[str] | None = None,
     adapter: Adapter | None = None,
     allow_globals: Sequence[str] = (),
-    model_sd: Mapping[str, torch.Tensor] | None = None,
 ) -> LoadPlan:
-    """``model_sd``: the model's tensors by key (:func:`model_tensors`), if the caller has them."""
     ckpt = open_checkpoint(
         checkpoint, ema=ema, state_dict_path=state_dict_path, allow_globals=allow_globals
     )
-    if model_sd is None:
-        model_sd = model_tensors(model)
+    model_sd = model_tensors(model)  # kept in the plan: apply copies into these same tensors
     chosen = select_adapter(model, adapter)
     # A framework adapter knows its heads; the generic guess (the last Linear) needs num_classes.
     rules = chosen.head_rules(model) if num_classes is not None or chosen.knows_heads else []
@@ -267,6 +267,7 @@ def make_plan(
         tensors={originals.get(k, k): v for k, v in tensors.items()},
         sources=ckpt.sources,
         transforms=ctx.transforms,
+        targets=model_sd,
     )
 
 
@@ -320,7 +321,7 @@ def _decide(
     rule: HeadRule | None,
 ) -> PlanEntry | None:
     """The entry for one model key, or None when no policy can place it (a mismatch)."""
-    model_dtype = _DTYPE_NAMES.get(param.dtype) or str(param.dtype).removeprefix("torch.")
+    model_dtype = _dtype_name(param.dtype)
     numel = param.numel()
     ckpt_dtype = leaf_dtype(leaf) if leaf is not None else None
     if policy is None and rule is None and ckpt_dtype is not None and ckpt_shape == model_shape:

@@ -183,6 +183,7 @@ class LoadPlan(_Outcome):
     tensors: Mapping[str, Any] = field(default_factory=dict, compare=False)  # source key → leaf
     sources: Mapping[str, Any] = field(default_factory=dict, compare=False)
     transforms: Mapping[str, Any] = field(default_factory=dict, compare=False)  # key → callable
+    targets: Mapping[str, Any] = field(default_factory=dict, compare=False)  # key → model tensor
 
     def _title(self) -> str:
         return "plan for"

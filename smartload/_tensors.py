@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 from collections.abc import Mapping
@@ -17,14 +18,12 @@ from .errors import CheckpointFormatError
 __all__ = ["Materializer", "torch_dtype"]
 
 
+@functools.cache  # once per dtype name, not once per tensor
 def torch_dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise CheckpointFormatError("?", f"dtype {name} is not supported by this torch")
     return dtype
-
-
-_DTYPES = {name: torch_dtype(name) for name in ("float32", "float16", "bfloat16", "int64")}
 
 
 class Materializer:
@@ -71,7 +70,7 @@ class Materializer:
 
     def _from_record(self, record: TensorRecord) -> torch.Tensor:
         source = self._sources[record.storage.key]
-        dtype = _DTYPES.get(record.dtype) or torch_dtype(record.dtype)
+        dtype = torch_dtype(record.dtype)
         itemsize = dtype.itemsize
         if self._verify_crc or source.offset % itemsize:
             return self._from_record_slowly(record, source, dtype)
