@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._formats import read
+from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, find_state_dicts, leaf_dtype, leaf_shape
 from ._records import DTYPE_ITEMSIZE, TensorRecord
 from ._unpickler import inert_globals
@@ -27,6 +28,8 @@ _HEAD_PATTERNS: tuple[tuple[str, int, int, str], ...] = (
     (r"^head\.cls_score\.weight$", 0, 9, "detectron2 RetinaNet (9 anchors assumed)"),
     (_CLASSIFIER, 0, 1, "classifier"),
     (r"(^|\.)classifier\.\d+\.weight$", 0, 1, "classifier"),
+    (r"^model\.\d+\.(one2one_)?cv3\.0\.2\.weight$", 0, 1, "ultralytics Detect class branch"),
+    (r"^model\.\d+\.linear\.weight$", 0, 1, "ultralytics Classify"),
 )
 
 
@@ -68,6 +71,7 @@ class CheckpointInfo:
     metadata: Mapping[str, str] = field(default_factory=dict)
     heads: tuple[HeadGuess, ...] = ()
     shared_storages: int = 0  # storages that more than one tensor views
+    module_tree: ModuleTree | None = None  # a whole-model pickle's modules (never executed)
 
     @property
     def num_tensors(self) -> int:
@@ -106,6 +110,7 @@ class CheckpointInfo:
             "inert_globals": list(self.inert_globals),
             "metadata": dict(self.metadata),
             "shared_storages": self.shared_storages,
+            "module_tree": self.module_tree.to_dict() if self.module_tree is not None else None,
             "non_contiguous": self.non_contiguous,
             "tensors": {
                 k: {"shape": list(t.shape), "dtype": t.dtype} for k, t in self.tensors.items()
@@ -132,13 +137,13 @@ def inspect(
             ema=ema,
             state_dict_path=tuple(state_dict_path) if state_dict_path is not None else None,
         )
-        sd_path, leaves, others = choice.path, choice.tensors, choice.others
+        sd_path, leaves, others, module = choice.path, choice.tensors, choice.others, choice.module
     except InvalidArgumentError:
         if ema or state_dict_path is not None:
             raise
-        found = find_state_dicts(raw.tree)  # EMA-only files: still describe them
-        sd_path, leaves = found[0] if found else ((), {})
-        others = tuple(p for p, _ in found[1:])
+        found = find_state_dicts(raw.tree, raw.path)  # EMA-only files: still describe them
+        sd_path, leaves, module = found[0] if found else ((), {}, None)
+        others = tuple(f.path for f in found[1:])
     tensors = {
         key: TensorInfo(
             leaf_shape(leaf),
@@ -162,6 +167,7 @@ def inspect(
         metadata=raw.metadata,
         heads=tuple(_guess_heads(tensors)),
         shared_storages=sum(1 for n in storages.values() if n > 1),
+        module_tree=module,
     )
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from ._module_tree import ModuleTree, ModuleTreeError, extract, is_module
 from ._records import ArrayRecord, StandIn, TensorRecord, brief
-from .errors import CheckpointFormatError, InvalidArgumentError
+from .errors import CheckpointFormatError, InvalidArgumentError, UnsafeCheckpointError
 
 __all__ = [
+    "Found",
     "StateDictChoice",
     "choose_state_dict",
     "describe_extras",
@@ -66,19 +68,38 @@ class StateDictChoice:
     tensors: Mapping[str, Any]
     others: tuple[tuple[str, ...], ...]  # every other state dict found (EMA copies, ...)
     ema: bool
+    module: ModuleTree | None = None  # the pickled module the tensors come from, if any
 
 
-def find_state_dicts(tree: Any) -> list[tuple[tuple[str, ...], Mapping[str, Any]]]:
-    """Every mapping of str → tensor in the tree (outside optimizer state), with its path."""
-    found: list[tuple[tuple[str, ...], Mapping[str, Any]]] = []
+class Found(NamedTuple):
+    path: tuple[str, ...]
+    tensors: Mapping[str, Any]
+    module: ModuleTree | None  # set when the tensors were extracted from a pickled module
+
+
+def find_state_dicts(tree: Any, where: str) -> list[Found]:
+    """Every mapping of str → tensor in the tree (outside optimizer state), with its path, and
+    the state dict of every pickled ``nn.Module`` (``torch.save(model)``, YOLO ``.pt`` files).
+
+    ``where`` (the file) names the checkpoint in the errors a refused module tree raises.
+    """
+    found: list[Found] = []
     seen: set[int] = set()  # a pickle can share one dict many times (or contain itself)
 
     def walk(node: Any, path: tuple[str, ...]) -> None:
-        if not isinstance(node, Mapping) or not node or id(node) in seen:
+        if id(node) in seen:
+            return
+        if _module(node, where):
+            seen.add(id(node))
+            tensors, module = _extract(node, path, where)
+            if tensors:
+                found.append(Found(path, tensors, module))
+            return
+        if not isinstance(node, Mapping) or not node:
             return
         seen.add(id(node))
         if all(isinstance(k, str) for k in node) and all(is_leaf(v) for v in node.values()):
-            found.append((path, node))
+            found.append(Found(path, node, None))
             return
         if len(path) >= _MAX_DEPTH:
             return
@@ -90,6 +111,31 @@ def find_state_dicts(tree: Any) -> list[tuple[tuple[str, ...], Mapping[str, Any]
     return found
 
 
+def _module(node: Any, where: str) -> bool:
+    try:
+        return is_module(node)
+    except ModuleTreeError as exc:
+        raise _tree_error(exc, where, ()) from None
+
+
+def _extract(
+    node: StandIn, path: tuple[str, ...], where: str
+) -> tuple[dict[str, TensorRecord], ModuleTree]:
+    try:
+        return extract(node)
+    except ModuleTreeError as exc:
+        raise _tree_error(exc, where, path) from None
+
+
+def _tree_error(exc: ModuleTreeError, where: str, path: tuple[str, ...]) -> Exception:
+    at = f"in the pickled module at {_show_path(path)}: " if path else "in the pickled module: "
+    if exc.global_name is not None:
+        return UnsafeCheckpointError(where, [exc.global_name], detail=at + str(exc))
+    return CheckpointFormatError(
+        where, at + str(exc), "The file was not written by torch.save; do not trust it"
+    )
+
+
 def choose_state_dict(
     path: str, tree: Any, *, ema: bool = False, state_dict_path: Sequence[str] | None = None
 ) -> StateDictChoice:
@@ -98,7 +144,7 @@ def choose_state_dict(
         raise CheckpointFormatError(
             path, "the file holds a single tensor, not a state dict", "Save model.state_dict()"
         )
-    found = find_state_dicts(tree)
+    found = find_state_dicts(tree, path)
     if not found:
         raise CheckpointFormatError(
             path,
@@ -107,16 +153,16 @@ def choose_state_dict(
         )
     if state_dict_path is not None:
         wanted = tuple(state_dict_path)
-        chosen = [f for f in found if f[0] == wanted]
+        chosen = [f for f in found if f.path == wanted]
         if not chosen:
-            paths = ", ".join(_show_path(p) for p, _ in found)
+            paths = ", ".join(_show_path(f.path) for f in found)
             raise InvalidArgumentError(
                 f"{path}: no state dict at {_show_path(wanted)}; state dicts found: {paths}"
             )
     else:
-        chosen = [f for f in found if _is_ema(f[0]) == ema]
+        chosen = [f for f in found if _is_ema(f.path) == ema]
         if not chosen:
-            paths = ", ".join(_show_path(p) for p, _ in found)
+            paths = ", ".join(_show_path(f.path) for f in found)
             if ema:
                 raise InvalidArgumentError(
                     f"{path}: ema=True but the file has no EMA weights (state dicts: {paths}); "
@@ -125,9 +171,9 @@ def choose_state_dict(
             raise InvalidArgumentError(
                 f"{path}: the file holds only EMA weights ({paths}); pass ema=True to load them"
             )
-    best_path, best = max(chosen, key=lambda f: (len(f[1]), -len(f[0])))
-    others = tuple(p for p, _ in found if p != best_path)
-    return StateDictChoice(best_path, best, others, _is_ema(best_path))
+    best = max(chosen, key=lambda f: (len(f.tensors), -len(f.path)))
+    others = tuple(f.path for f in found if f.path != best.path)
+    return StateDictChoice(best.path, best.tensors, others, _is_ema(best.path), best.module)
 
 
 def _describe_top(tree: Any) -> str:
@@ -159,7 +205,8 @@ def describe_extras(tree: Any, skip: Iterable[tuple[str, ...]]) -> dict[str, str
 
 def _describe_value(value: Any) -> str:
     if isinstance(value, StandIn):
-        return f"{value.qualname} [inert, not executed]"
+        kind = " module object" if is_module(value) else ""
+        return f"{value.qualname}{kind} [inert, not executed]"
     if isinstance(value, int) and not isinstance(value, bool):
         return brief(value)
     if isinstance(value, bool | float) or value is None:

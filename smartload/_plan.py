@@ -12,12 +12,13 @@ import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ._formats import RawCheckpoint, read
 from ._heads import HeadRule, class_map_by_names, resolve_class_map, source_rows
+from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape, match_keys
 from ._report import ACTIONS, HeadChange, LoadPlan, PlanEntry
 from ._unpickler import inert_globals
@@ -66,6 +67,7 @@ class _Checkpoint:
     others: tuple[tuple[str, ...], ...]
     extras: Mapping[str, str]
     inert: tuple[str, ...]
+    module: ModuleTree | None  # a whole-model pickle's modules (inert records)
 
 
 def open_checkpoint(
@@ -96,6 +98,7 @@ def open_checkpoint(
         choice.others,
         extras,
         tuple(inert_globals(raw.globals)),
+        choice.module,
     )
 
 
@@ -116,6 +119,7 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 _BASE = torch.nn.Module
+_R = TypeVar("_R", PlanEntry, HeadChange)
 
 
 def _collect_tensors(module: torch.nn.Module, prefix: str, out: dict[str, torch.Tensor]) -> bool:
@@ -203,8 +207,21 @@ def make_plan(
     rules = chosen.head_rules(model) if num_classes is not None or chosen.knows_heads else []
     if num_classes is not None:
         _check_num_classes(model, chosen, num_classes)
+    notes = list(chosen.notes)
+    if ckpt.module is not None:
+        notes.append(
+            f"weights extracted from a pickled {ckpt.module.root.qualname} ({ckpt.module.modules} "
+            "modules): no class of it was imported and nothing in the file was executed"
+        )
     if isinstance(source_classes, str):
         source_classes = _label_set(chosen, source_classes)
+    elif source_classes is None and _names_needed(class_map, target_classes):
+        source_classes = ckpt.module.class_names if ckpt.module is not None else None
+        if source_classes is not None:
+            notes.append(
+                f"checkpoint class names ({len(source_classes)}) read from the pickled model's "
+                "names attribute"
+            )
     unmatched: tuple[str, ...] = ()
     if class_map is None and source_classes is not None and target_classes is not None:
         class_map = class_map_by_names(source_classes, target_classes)
@@ -226,6 +243,8 @@ def make_plan(
             unused.append(ckpt_key)
 
     entries: list[PlanEntry] = []
+    abandoned: dict[str, str] = {}  # head → why one of its keys keeps the model's values
+    by_policy: set[str] = set()
     mismatches: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = []
     for key, param in model_sd.items():
         source = feeds.get(key)
@@ -243,6 +262,12 @@ def make_plan(
         ):
             rule = HeadRule(name=key.rpartition(".")[0], keys=(key,))
         entry = _decide(ctx, key, param, model_shape, source, leaf, ckpt_shape, policy, rule)
+        if entry is None and policy is None and ckpt_shape is not None:
+            entry = _keep_initialised(ctx, key, param, source, ckpt_shape, leaf)
+            if entry is not None and rule is not None:
+                abandoned[rule.name] = entry.reason
+        if policy is not None:
+            by_policy.add(key)
         if entry is not None and source is not None and source in originals:
             entry = _replace(entry, source=originals[source])
         if entry is None:
@@ -251,6 +276,8 @@ def make_plan(
             entries.append(entry)
     if mismatches:
         raise IncompatibleCheckpointError(mismatches, _mismatch_hint(num_classes), ckpt.path)
+    if abandoned:
+        entries = _abandon_heads(ctx, entries, abandoned, by_policy)
     return LoadPlan(
         checkpoint=ckpt.path,
         format=ckpt.format,
@@ -263,12 +290,20 @@ def make_plan(
         extras=dict(ckpt.extras),
         inert_globals=ckpt.inert,
         adapter=chosen.name,
-        notes=chosen.notes,
+        notes=tuple(notes),
         tensors={originals.get(k, k): v for k, v in tensors.items()},
         sources=ckpt.sources,
         transforms=ctx.transforms,
         targets=model_sd,
     )
+
+
+def _names_needed(class_map: Any, target_classes: Sequence[str] | None) -> bool:
+    """Whether the plan needs the checkpoint's class names (target names, or a map by name)."""
+    if target_classes is not None:
+        return True
+    listed = class_map.values() if isinstance(class_map, Mapping) else class_map or ()
+    return any(isinstance(old, str) for old in listed)
 
 
 def _label_set(adapter: Adapter, label_set: str) -> list[str]:
@@ -422,6 +457,52 @@ def _decide(
     )
 
 
+def _keep_initialised(
+    ctx: _Context,
+    key: str,
+    param: torch.Tensor,
+    source: str | None,
+    ckpt_shape: tuple[int, ...],
+    leaf: Any,
+) -> PlanEntry | None:
+    """A key no rule places that the adapter says keeps the model's own values (or None)."""
+    model_shape = tuple(param.shape)
+    reason = ctx.adapter.keep_initialised(ctx.model, key, ckpt_shape, model_shape)
+    if reason is None:
+        return None
+    ckpt_dtype = leaf_dtype(leaf)
+    model_dtype = _dtype_name(param.dtype)
+    return PlanEntry(
+        key,
+        "skip",
+        source,
+        ckpt_shape,
+        model_shape,
+        reason,
+        ckpt_dtype,
+        model_dtype,
+        None,  # nothing is read: no cast
+    )
+
+
+def _abandon_heads(
+    ctx: _Context, entries: list[PlanEntry], abandoned: Mapping[str, str], by_policy: set[str]
+) -> list[PlanEntry]:
+    """A head is placed as one: when one of its keys keeps the model's values (its weight's
+    inputs changed), so do the others (its bias), and no row comes from the checkpoint."""
+    out = []
+    for e in entries:
+        if e.head is not None and e.head in abandoned and e.action != "skip":
+            if e.key not in by_policy:
+                reason = abandoned[e.head]
+                e = _replace(e, action="skip", reason=reason, reused=0, rows=None, cast=None)
+        out.append(e)
+    for name in abandoned:
+        if name in ctx.heads:
+            ctx.heads[name] = _replace(ctx.heads[name], class_map=None)
+    return out
+
+
 def _record_head(
     ctx: _Context,
     rule: HeadRule,
@@ -455,7 +536,7 @@ def _storage_id(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
     return (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
 
 
-def _replace(entry: PlanEntry, **changes: Any) -> PlanEntry:
+def _replace(record: _R, **changes: Any) -> _R:
     from dataclasses import replace
 
-    return replace(entry, **changes)
+    return replace(record, **changes)

@@ -232,23 +232,25 @@ def group_keys(keys: Iterable[str]) -> list[str]:
 
 
 def _table_rows(entries: Sequence[PlanEntry]) -> list[tuple[str, str, str]]:
-    """Plain same-shape copies collapse per top-level module (``layer1.* (60 tensors)``); every
-    other entry is listed, grouped as ``parent.{a, b}`` when action and detail agree."""
-    copies: dict[str, int] = {}
+    """Same-shape copies (with at most an exact cast) collapse per top-level module and cast
+    (``layer1.* (60 tensors)``); every other entry is listed, grouped as ``parent.{a, b}`` when
+    action and detail agree."""
+    copies: dict[tuple[str, str], int] = {}  # (top-level module, cast) → tensors
     grouped: dict[tuple[str, str, str], list[str]] = {}
     for e in entries:
-        if e.action == "copy" and e.ckpt_shape == e.model_shape and not e.cast:
+        if e.action == "copy" and e.ckpt_shape == e.model_shape and e.cast != "lossy":
             top = e.key.split(".", 1)[0]
-            copies[top] = copies.get(top, 0) + 1
+            cast = f", cast {e.ckpt_dtype} → {e.model_dtype} (exact)" if e.cast else ""
+            copies[top, cast] = copies.get((top, cast), 0) + 1
             continue
         detail = f"{_shape(e.ckpt_shape)} → {_shape(e.model_shape)}  {e.reason}"
-        if e.cast:
+        if e.cast and e.action in ("copy", "slice"):
             detail += f", cast {e.ckpt_dtype} → {e.model_dtype} ({e.cast})"
         grouped.setdefault((e.key.rpartition(".")[0], e.action, detail), []).append(e.key)
     top_level = {e.key for e in entries if "." not in e.key}
     rows = [
-        ("copy", top if top in top_level else f"{top}.*", f"{n} tensor(s), same shape")
-        for top, n in sorted(copies.items())
+        ("copy", top if top in top_level else f"{top}.*", f"{n} tensor(s), same shape{cast}")
+        for (top, cast), n in sorted(copies.items())
     ]
     for (_, action, detail), keys in sorted(grouped.items(), key=lambda item: min(item[1])):
         rows.extend((action, group, detail) for group in group_keys(keys))

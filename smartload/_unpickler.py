@@ -11,6 +11,13 @@ function or class. It returns one of:
   Lightning ``AttributeDict`` ...): calling it, ``NEWOBJ``, ``BUILD``, ``SETITEM`` and ``APPEND``
   only record what the pickle asked for.
 
+A pickled ``nn.Module`` (``torch.save(model)``, YOLO ``.pt`` files) comes out as a tree of such
+stand-ins: ``NEWOBJ`` (or ``copyreg._reconstructor``) makes one without calling anything and
+``BUILD`` records its ``__dict__``, whose ``_parameters``/``_buffers`` hold tensor records. The
+stand-in remembers whether it was restored that way or called (``StandIn.called``) and how
+many ``BUILD`` opcodes it took; ``_module_tree.py`` extracts a state dict from such a tree and
+refuses any other construction inside it.
+
 Since the pickle can only call what ``find_class`` returned, no code from the file can run. Globals
 on the hostile list (``os.system``, ``builtins.eval``, ``importlib``, ``functools.partial`` ...)
 are recorded and the whole file is refused, listing every one of them.
@@ -114,6 +121,7 @@ class _StandInType(type):
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         obj = cls.__new__(cls)  # type: ignore[call-overload]
         obj.record.args = args
+        obj.record.called = True
         if cls.calls is not None and len(cls.calls) < 100:
             shown = ", ".join(brief(a, limit=200) for a in args[:6])
             cls.calls.append(f"{cls.qualname}({shown})")
@@ -134,6 +142,7 @@ class _StandInBuild:
 
         def record(state: Any) -> None:
             obj.record.state = state
+            obj.record.builds += 1
 
         return record
 

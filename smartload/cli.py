@@ -21,6 +21,7 @@ from rich.text import Text
 
 from . import __version__
 from ._inspect import CheckpointInfo, TensorInfo, inspect
+from ._module_tree import ModuleTree
 from ._report import group_keys
 from .errors import (
     CheckpointFormatError,
@@ -204,6 +205,8 @@ def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> No
         f"{info.num_params:,} parameters, {_bytes(info.nbytes)} "
         f"({', '.join(f'{d} ×{n}' for d, n in info.dtypes.items())})",
     )
+    if info.module_tree is not None:
+        _module_facts(fact, info.module_tree)
     if info.other_state_dicts:
         fact("also", ", ".join(_path(p) for p in info.other_state_dicts))
     for key, value in info.extras.items():
@@ -233,6 +236,29 @@ def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> No
             continue
         _plain_row(table)(*row)
     out.print(table)
+
+
+def _module_facts(fact: Callable[..., None], tree: ModuleTree) -> None:
+    """A whole-model pickle: the module classes it names, none of them imported or run."""
+    fact(
+        "modules",
+        f"{tree.root.qualname}, {tree.modules:,} modules (inert records: no class imported, "
+        "nothing executed; the state dict is read from their tensors)",
+    )
+    for line in tree.outline():
+        fact("", line)
+    shown = list(tree.classes.items())
+    classes = ", ".join(f"{name.rpartition('.')[2]} ×{n}" for name, n in shown[:12])
+    fact("classes", classes + (f", ... {len(shown) - 12} more" if len(shown) > 12 else ""))
+    if tree.class_names is not None:
+        names = tree.class_names
+        fact(
+            "names",
+            f"{len(names)} classes: {', '.join(names[:10])}" + (", ..." if len(names) > 10 else ""),
+        )
+    attributes = {k: v for k, v in tree.attributes.items() if k != "names"}
+    if attributes:
+        fact("attributes", ", ".join(f"{k}: {v}" for k, v in attributes.items()))
 
 
 def _plain_row(table: Table) -> Callable[..., None]:

@@ -1,8 +1,9 @@
 """A tiny pickle assembler for crafting hostile and malformed checkpoints in tests.
 
 ``assemble(obj)`` writes a protocol-2 pickle of ``obj`` where :class:`Global`, :class:`Call`,
-:class:`Build` and :class:`Pid` stand for the GLOBAL, REDUCE, BUILD and BINPERSID opcodes, so a test
-can name any global (real or not) without that global existing or being importable here.
+:class:`New`, :class:`Build` and :class:`Pid` stand for the GLOBAL, REDUCE, NEWOBJ, BUILD and
+BINPERSID opcodes, so a test can name any global (real or not) without that global existing or
+being importable here.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ class Global:
 class Call:
     fn: Any
     args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class New:
+    """``cls.__new__(cls, *args)``: how protocol 2 pickles an object (an ``nn.Module``)."""
+
+    cls: Any
+    args: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,10 @@ def _emit(out: bytearray, o: Any) -> None:
         _emit(out, o.fn)
         _emit(out, tuple(o.args))
         out += b"R"
+    elif isinstance(o, New):
+        _emit(out, o.cls)
+        _emit(out, tuple(o.args))
+        out += b"\x81"
     elif isinstance(o, Build):
         _emit(out, o.obj)
         _emit(out, o.state)

@@ -92,6 +92,7 @@ def test_inspect_json_field_by_field(ckpt: Path, capsys: pytest.CaptureFixture[s
         "extras": {"epoch": "4"},
         "globals": ["collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage", "torch.LongStorage"],
         "inert_globals": [], "metadata": {}, "shared_storages": 0, "non_contiguous": [],
+        "module_tree": None,
     }  # fmt: skip
     assert data["tensors"]["fc.weight"] == {"shape": [10, 8], "dtype": "float32"}
 

@@ -69,6 +69,18 @@ class Adapter:
         """A conversion for a non-head key whose shapes differ, or None (then it is an error)."""
         return None
 
+    def keep_initialised(
+        self,
+        model: torch.nn.Module,
+        key: str,
+        ckpt_shape: tuple[int, ...],
+        model_shape: tuple[int, ...],
+    ) -> str | None:
+        """Why a key no rule can place should keep the model's own initialisation (the plan
+        skips it with this reason), or None (then it is an error). Asked only when no user
+        policy names the key."""
+        return None
+
 
 class GenericAdapter(Adapter):
     """Any ``nn.Module``: its last ``nn.Linear`` is taken to be the classifier."""
@@ -109,12 +121,17 @@ def _is_torchvision_detection(model: torch.nn.Module) -> bool:
     return type(model).__module__.startswith("torchvision.models.detection.")
 
 
+def _is_ultralytics(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("ultralytics.")
+
+
 # (test on the model, module, class): framework adapters register here; checked in order. The
 # tests must not import the framework: the adapter module does, when it is chosen.
 _REGISTRY: list[tuple[Callable[[torch.nn.Module], bool], str, str]] = [
     (_is_timm, "smartload.adapters.timm", "TimmAdapter"),
     (_is_detectron2, "smartload.adapters.detectron2", "Detectron2Adapter"),
     (_is_torchvision_detection, "smartload.adapters.torchvision", "TorchvisionDetectionAdapter"),
+    (_is_ultralytics, "smartload.adapters.ultralytics", "UltralyticsAdapter"),
 ]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from conftest import Payload, make_net
-from pickle_asm import Build, Call, Global, assemble, tensor, torch_zip
+from pickle_asm import Build, Call, Global, New, assemble, tensor, torch_zip
 from safetensors.torch import save_file
 from test_hostile import (
     compressed_member,
@@ -286,6 +286,60 @@ def _zoo_pkl(protocol: int) -> Maker:
     return make
 
 
+# -- whole-model pickles (torch.save(model), YOLO .pt): module stand-ins ---------------------------
+
+
+def _module(cls: str, params: object = None, modules: object = None, **attrs: object) -> Build:
+    """A module pickled as torch pickles one: NEWOBJ(cls) + BUILD(__dict__)."""
+    module, _, name = cls.rpartition(".")
+    state = {
+        "training": True,
+        "_parameters": params or {},
+        "_buffers": {},
+        "_modules": modules or {},
+    }
+    return Build(New(Global(module, name)), {**state, **attrs})
+
+
+def _module_zip(name: str, obj: object) -> Maker:
+    def make(tmp: Path, cmd: str) -> Path:
+        storage = struct.pack("<4f", 1, 2, 3, 4)
+        return torch_zip(tmp / name, assemble({"model": obj}), {"0": storage})
+
+    return make
+
+
+_W = tensor("0", 4, (2, 2), (2, 1))
+
+
+def whole_model(tmp: Path, cmd: str) -> Path:
+    path = tmp / "whole.pt"
+    torch.save(make_net(10, seed=1), path)  # conftest.SmallNet: never imported by smartload
+    return path
+
+
+def whole_model_protocol0(tmp: Path, cmd: str) -> Path:
+    path = tmp / "whole0.pt"  # copyreg._reconstructor(cls, object, None) + BUILD
+    torch.save({"model": make_net(10, seed=1).half()}, path, pickle_protocol=1)
+    return path
+
+
+def module_attribute_payload(tmp: Path, cmd: str) -> Path:
+    net = make_net(10, seed=1)
+    net.hook = Payload(cmd)  # an attribute of the module: a __reduce__ → os.system payload
+    path = tmp / "module_payload.pt"
+    torch.save(net, path)
+    return path
+
+
+def module_cycle(tmp: Path, cmd: str) -> Path:
+    net = make_net(10, seed=1)
+    net._modules["again"] = net
+    path = tmp / "cycle.pt"
+    torch.save({"model": net}, path)
+    return path
+
+
 CASES: dict[str, Case] = {
     # code-execution attempts: refused as hostile, every global named
     "os_system_reduce_in_torch_zip": unsafe(reduce_in_torch_zip, "posix.system"),
@@ -366,7 +420,44 @@ CASES: dict[str, Case] = {
         "duplicate key 'a'",
     ),  # fmt: skip
     "safetensors_ten_million_entries": broken(ten_million_entries, "exceeds the file or the 100 MB limit"),
+    # whole-model pickles: only NEWOBJ + one BUILD per module, only tensors in its slots
+    "module_attribute_reduce_payload": unsafe(module_attribute_payload, "posix.system"),
+    "module_parameter_made_by_call": Case(
+        _module_zip("param_call.pt", _module("zoo.Net", {"weight": Call(Global("zoo.weights", "make"), ("w",))})),
+        UnsafeCheckpointError, "the parameter 'weight' is made by calling zoo.weights.make", ["zoo.weights.make"],
+    ),
+    "module_submodule_made_by_call": Case(
+        _module_zip("child_call.pt", _module("zoo.Net", {"w": _W}, {"fc": Build(Call(Global("zoo", "Linear"), ()), {"_parameters": {"w": _W}, "_buffers": {}, "_modules": {}})})),
+        UnsafeCheckpointError, "the module at 'fc' (zoo.Linear) is made by calling zoo.Linear(...)", ["zoo.Linear"],
+    ),
+    "module_setstate_tuple_state": Case(
+        _module_zip("tuple_state.pt", Build(New(Global("zoo", "Net")), (None, {"_parameters": {"w": _W}, "_modules": {}}))),
+        UnsafeCheckpointError, "would need the class's own __setstate__", ["zoo.Net"],
+    ),
+    "module_built_twice": broken(
+        _module_zip("twice.pt", Build(_module("zoo.Net", {"w": _W}), {"_parameters": {"w": _W}, "_buffers": {}, "_modules": {}})),
+        "is given its state 2 times (BUILD)",
+    ),
+    "module_build_on_tensor": broken(
+        _module_zip("build_tensor.pt", _module("zoo.Net", {"w": Build(_W, {"__class__": Global("zoo", "Evil")})})),
+        "BUILD applied to a TensorRecord",
+    ),
+    "module_build_on_parameter_class": unsafe(
+        _module_zip("build_global.pt", _module("zoo.Net", {"w": _W}, extra=Build(Global("torch.nn.parameter", "Parameter"), {"data": 1}))),
+        "torch.nn.parameter.Parameter",
+    ),
+    "module_dotted_parameter_name": broken(
+        _module_zip("dotted.pt", _module("zoo.Net", {"fc.weight": _W})),
+        "_parameters has the entry 'fc.weight', not an attribute name",
+    ),
+    "module_cycle": broken(module_cycle, "the module at 'again' contains itself (a cycle)"),
+    "module_non_persistent_set_call": Case(
+        _module_zip("set_call.pt", _module("zoo.Net", {"w": _W}, _non_persistent_buffers_set=Call(Global("zoo", "names"), ()))),
+        UnsafeCheckpointError, "_non_persistent_buffers_set is a zoo.names, not a set of names", ["zoo.names"],
+    ),
     # these load (or, for inspect, read) fine
+    "whole_model_torch_save": Case(whole_model, None),
+    "whole_model_protocol_1_fp16": Case(whole_model_protocol0, None),
     "nan_inf_tensors": Case(nan_inf_tensors, CheckpointFormatError, "non-finite values in 1 tensor(s): fc.weight"),
     "py2_latin1_pkl": Case(py2_latin1_pkl, None),
     "detectron2_pkl_protocol_2": Case(_zoo_pkl(2), None),

@@ -1,0 +1,306 @@
+"""Whole-model pickles: a state dict from a tree of inert module stand-ins. No torch import.
+
+``torch.save(model)`` (and every YOLO ``.pt``) pickles an ``nn.Module`` as ``NEWOBJ(cls)`` followed by
+``BUILD(module.__dict__)``. The restricted unpickler turns that into a :class:`StandIn` of the class
+(never imported) whose recorded state holds ``_parameters`` and ``_buffers`` (tensor records) and
+``_modules`` (more stand-ins). :func:`extract` walks that tree the way ``nn.Module.state_dict`` walks
+a live model (parameters, persistent buffers, then children, depth first) and returns the same
+dotted keys (``model.22.cv3.0.2.weight``), plus a :class:`ModuleTree` summary for ``inspect``.
+
+Inside the parts it reads, only what torch writes is accepted: modules restored from their state
+(one ``BUILD``, never called), tensors or None in the parameter and buffer slots, sets of names for
+the non-persistent buffers. Anything else is refused with :class:`ModuleTreeError`, naming the key
+and, for a call, the global. The modules' other attributes (``args``, ``yaml``, ``names`` ...) stay
+inert records: described, never built into anything.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._records import StandIn, TensorRecord, brief
+
+__all__ = ["ModuleTree", "ModuleTreeError", "extract", "is_module"]
+
+_SLOTS = ("_parameters", "_buffers", "_modules")
+_MAX_DEPTH = 200  # nn.Module.state_dict recurses in Python: real models are far shallower
+_MAX_VISITS = 1_000_000  # module visits (a module shared under two names is visited twice)
+_MAX_KEY_CHARS = 100_000_000  # all keys together: sharing must not multiply them without bound
+_SETS = ("builtins.set", "builtins.frozenset")
+
+
+class ModuleTreeError(Exception):
+    """A module tree smartload will not extract. ``global_name``: the callable it would need."""
+
+    def __init__(self, message: str, global_name: str | None = None) -> None:
+        super().__init__(message)
+        self.global_name = global_name
+
+
+@dataclass(frozen=True)
+class ModuleNode:
+    qualname: str
+    children: tuple[tuple[str, ModuleNode], ...]
+
+
+@dataclass(frozen=True)
+class ModuleTree:
+    """What a pickled module holds, for ``inspect`` and the report. Nothing in it was executed."""
+
+    root: ModuleNode
+    modules: int  # distinct module objects
+    classes: Mapping[str, int]  # class qualname → modules of that class, most common first
+    attributes: Mapping[str, str]  # the root module's other attributes, described
+    class_names: tuple[str, ...] | None  # the root's ``names`` (YOLO), when it is a clean list
+
+    def outline(self, depth: int = 2, width: int = 12) -> list[str]:
+        """The tree's first ``depth`` levels, a line per module that has children."""
+        lines: list[str] = []
+
+        def visit(name: str, node: ModuleNode, level: int) -> None:
+            shown = [f"{n} {_short(c.qualname)}" for n, c in node.children[:width]]
+            more = len(node.children) - width
+            label = f"{name}: " if name else ""
+            lines.append(
+                "  " * level
+                + f"{label}{_short(node.qualname)}"
+                + (
+                    f" [{', '.join(shown)}{f', ... {more} more' if more > 0 else ''}]"
+                    if shown
+                    else ""
+                )
+            )
+            if level + 1 < depth:
+                for n, child in node.children:
+                    if child.children:
+                        visit(n, child, level + 1)
+
+        visit("", self.root, 0)
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        def node(n: ModuleNode, level: int) -> dict[str, Any]:
+            out: dict[str, Any] = {"class": n.qualname}
+            if n.children and level < 3:
+                out["children"] = {name: node(c, level + 1) for name, c in n.children}
+            elif n.children:
+                out["num_children"] = len(n.children)
+            return out
+
+        return {
+            "executed": False,
+            "root": node(self.root, 0),
+            "modules": self.modules,
+            "classes": dict(self.classes),
+            "attributes": dict(self.attributes),
+            "class_names": list(self.class_names) if self.class_names is not None else None,
+        }
+
+
+def _short(qualname: str) -> str:
+    return qualname.rpartition(".")[2]
+
+
+def _module_state(obj: StandIn) -> dict[Any, Any] | None:
+    """The recorded ``__dict__`` of a pickled module; None if ``obj`` does not claim to be one."""
+    state = obj.state
+    if isinstance(state, dict) and "_parameters" in state:
+        return state
+    # a module's state wrapped some other way (slot state, a tuple for a custom __setstate__)
+    if isinstance(state, tuple) and any(isinstance(s, dict) and "_parameters" in s for s in state):
+        raise ModuleTreeError(
+            f"the module object {obj.qualname} carries its state in a {brief(state)}, not "
+            "the plain __dict__ torch pickles; restoring it would need the class's own "
+            "__setstate__",
+            obj.qualname,
+        )
+    return None
+
+
+def is_module(obj: Any) -> bool:
+    """A stand-in that claims to be a pickled ``nn.Module`` (its state holds ``_parameters``)."""
+    return isinstance(obj, StandIn) and _module_state(obj) is not None
+
+
+def extract(root: StandIn) -> tuple[dict[str, TensorRecord], ModuleTree]:
+    """The state dict of a pickled module tree (keys as ``root.state_dict()`` would have them)."""
+    out: dict[str, TensorRecord] = {}
+    nodes: dict[int, ModuleNode] = {}
+    classes: Counter[str] = Counter()
+    visits = key_chars = 0
+
+    def walk(module: StandIn, prefix: str, ancestors: tuple[int, ...]) -> ModuleNode:
+        nonlocal visits, key_chars
+        visits += 1
+        if visits > _MAX_VISITS:
+            raise ModuleTreeError(f"more than {_MAX_VISITS:,} module visits in the module tree")
+        if len(ancestors) > _MAX_DEPTH:
+            raise ModuleTreeError(f"modules nested more than {_MAX_DEPTH} deep at {prefix!r}")
+        state = _checked_state(module, prefix)
+        skip = _names_set(state.get("_non_persistent_buffers_set"), prefix)
+        for slot in ("_parameters", "_buffers"):
+            for name, value in _slot(state, slot, prefix).items():
+                if value is None or (slot == "_buffers" and name in skip):
+                    continue
+                key = prefix + name
+                if not isinstance(value, TensorRecord):
+                    _refuse_value(key, slot, value)
+                if key in out:
+                    raise ModuleTreeError(f"two tensors of the module tree are named {key!r}")
+                key_chars += len(key)
+                if key_chars > _MAX_KEY_CHARS:
+                    raise ModuleTreeError("the module tree's keys exceed 100 MB of text")
+                out[key] = value
+        children = []
+        for name, child in _slot(state, "_modules", prefix).items():
+            if child is None:
+                continue
+            where = prefix + name
+            if not is_module(child):
+                _refuse_child(where, child)
+            if id(child) in ancestors:
+                raise ModuleTreeError(f"the module at {where!r} contains itself (a cycle)")
+            children.append((name, walk(child, where + ".", (*ancestors, id(child)))))
+        node = nodes.get(id(module))
+        if node is None:
+            node = nodes[id(module)] = ModuleNode(module.qualname, tuple(children))
+            classes[module.qualname] += 1
+        return node
+
+    tree = walk(root, "", (id(root),))
+    root_state = _checked_state(root, "")
+    return out, ModuleTree(
+        root=tree,
+        modules=len(nodes),
+        classes=dict(classes.most_common()),
+        attributes=_attributes(root_state),
+        class_names=_class_names(root_state.get("names")),
+    )
+
+
+def _where(prefix: str) -> str:
+    return f"the module at {prefix.removesuffix('.')!r}" if prefix else "the top module"
+
+
+def _checked_state(module: StandIn, prefix: str) -> dict[Any, Any]:
+    state = _module_state(module)
+    assert state is not None  # is_module was checked
+    if module.called:
+        raise ModuleTreeError(
+            f"{_where(prefix)} ({module.qualname}) is made by calling {module.qualname}(...), "
+            "not restored from its state as torch pickles modules; smartload does not run it",
+            module.qualname,
+        )
+    if module.builds != 1:
+        raise ModuleTreeError(
+            f"{_where(prefix)} ({module.qualname}) is given its state {module.builds} times "
+            "(BUILD); torch pickles a module with exactly one"
+        )
+    for key in state:
+        if not isinstance(key, str):
+            raise ModuleTreeError(f"{_where(prefix)} has an attribute named by a {brief(key)}")
+    return state
+
+
+def _slot(state: Mapping[str, Any], slot: str, prefix: str) -> dict[str, Any]:
+    value = state.get(slot)
+    if slot == "_buffers" and value is None:  # modules pickled by torch < 1.0 lack it: none
+        return {}
+    if not isinstance(value, dict):
+        raise ModuleTreeError(
+            f"{_where(prefix)}: {slot} is {brief(value)}, not the dict torch pickles"
+        )
+    for name in value:
+        if not isinstance(name, str) or not name or "." in name or len(name) > 1024:
+            raise ModuleTreeError(
+                f"{_where(prefix)}: {slot} has the entry {brief(name)}, not an attribute name"
+            )
+    return value
+
+
+def _names_set(value: Any, prefix: str) -> frozenset[str]:
+    """``_non_persistent_buffers_set``: a set, or ``set([...])`` recorded as an inert call."""
+    if value is None:
+        return frozenset()
+    if isinstance(value, set | frozenset):
+        names: Any = value
+    elif (
+        isinstance(value, StandIn)
+        and value.qualname in _SETS
+        and len(value.args) <= 1
+        and not value.builds
+        and all(isinstance(a, list | tuple) for a in value.args)
+    ):
+        names = value.args[0] if value.args else ()
+    else:
+        raise ModuleTreeError(
+            f"{_where(prefix)}: _non_persistent_buffers_set is {brief(value)}, not a set of names",
+            getattr(value, "qualname", None),
+        )
+    if not all(isinstance(n, str) for n in names):
+        raise ModuleTreeError(f"{_where(prefix)}: _non_persistent_buffers_set holds a non-name")
+    return frozenset(names)
+
+
+def _refuse_value(key: str, slot: str, value: Any) -> None:
+    kind = "parameter" if slot == "_parameters" else "buffer"
+    if isinstance(value, StandIn):
+        how = "made by calling" if value.called else "an object of"
+        raise ModuleTreeError(
+            f"the {kind} {key!r} is {how} {value.qualname}, not a tensor; smartload builds only "
+            "tensors inside a module tree",
+            value.qualname,
+        )
+    raise ModuleTreeError(f"the {kind} {key!r} is {brief(value)}, not a tensor")
+
+
+def _refuse_child(where: str, child: Any) -> None:
+    if isinstance(child, StandIn):
+        how = "made by calling" if child.called else "an object of"
+        raise ModuleTreeError(
+            f"the submodule {where!r} is {how} {child.qualname} without a module's state; "
+            "smartload restores modules only from their pickled state",
+            child.qualname,
+        )
+    raise ModuleTreeError(f"the submodule {where!r} is {brief(child)}, not a module")
+
+
+# torch's own bookkeeping in every module's __dict__: not worth showing
+_INTERNAL = frozenset({"training", "dump_patches", "call_super_init"})
+
+
+def _attributes(state: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in state.items():
+        if key.startswith("_") or key in _INTERNAL:
+            continue
+        out[key] = _describe(value)
+        if len(out) == 30:
+            break
+    return out
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, TensorRecord):
+        return f"tensor {list(value.shape)} {value.dtype}"
+    if isinstance(value, StandIn):
+        return f"{value.qualname} [inert, not executed]"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+    if isinstance(value, bool | float) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return brief(value)
+    return brief(value).removeprefix("a ")
+
+
+def _class_names(value: Any) -> tuple[str, ...] | None:
+    """``names`` as YOLO keeps it: ``{0: "person", ...}`` or a list of str."""
+    if isinstance(value, dict) and set(value) == set(range(len(value))):
+        value = [value[i] for i in range(len(value))]
+    if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return None
