@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,10 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_INCOMPATIBLE = 0, 2, 3, 4, 5
 _COLLAPSE_AT = 60
+_MODEL_KINDS = (
+    "timm:NAME, torchvision:NAME, d2:CONFIG (model zoo), a detectron2 .yaml path, "
+    "or yolo:CONFIG (an ultralytics model yaml, e.g. yolo11n.yaml)"
+)
 
 _EPILOG = """\
 examples:
@@ -49,6 +54,7 @@ examples:
   smartload diff ckpt.pth.tar --model timm:convnext_tiny --num-classes 10
   smartload diff model_final.pth --model d2:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml \\
       --num-classes 3 --class-map person,car,dog --source-classes coco_2017_train
+  smartload diff yolov8n.pt --model yolo:yolov8n.yaml --num-classes 3 --class-map person,car,dog
   smartload diff a.pth b.safetensors                compare two checkpoints key by key
   smartload convert ckpt.pth model.safetensors      safe conversion (contiguous, metadata)
 
@@ -88,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     dif.add_argument("other", nargs="?", help="a second checkpoint to compare with")
     dif.add_argument(
         "--model",
-        help="timm:NAME, torchvision:NAME, d2:CONFIG (model zoo) or a detectron2 .yaml path",
+        help=_MODEL_KINDS,
     )
     dif.add_argument("--num-classes", type=int, help="the model's class count")
     dif.add_argument(
@@ -386,6 +392,27 @@ def _build(spec: str, num_classes: int | None) -> torch.nn.Module:
 
         built: torch.nn.Module = torchvision.models.get_model(name, weights=None, **kwargs)
         return built
+    if kind == "yolo":
+        from ultralytics.nn import tasks
+
+        cfg = tasks.yaml_model_load(name)  # type: ignore[no-untyped-call]
+        task = tasks.guess_model_task(cfg)  # type: ignore[no-untyped-call]
+        classes = {
+            "detect": tasks.DetectionModel, "segment": tasks.SegmentationModel,
+            "pose": tasks.PoseModel, "obb": tasks.OBBModel, "classify": tasks.ClassificationModel,
+        }  # fmt: skip
+        if task not in classes:
+            raise InvalidArgumentError(
+                f"--model {spec!r}: an ultralytics {task} model is not supported"
+            )
+        quiet = logging.getLogger("ultralytics")  # it logs to stdout, where --json writes
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            yolo: torch.nn.Module = classes[task](cfg, nc=num_classes, verbose=False)
+        finally:
+            quiet.setLevel(level)
+        return yolo
     if kind == "d2" or spec.endswith((".yaml", ".yml")):
         from detectron2.config import get_cfg
         from detectron2.model_zoo import get_config_file
@@ -398,9 +425,7 @@ def _build(spec: str, num_classes: int | None) -> torch.nn.Module:
             cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
             cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
         return build_model(cfg)  # type: ignore[no-any-return]
-    raise InvalidArgumentError(
-        f"--model {spec!r}: use timm:NAME, torchvision:NAME, d2:CONFIG or a detectron2 .yaml path"
-    )
+    raise InvalidArgumentError(f"--model {spec!r}: use {_MODEL_KINDS}")
 
 
 def _render_plan(out: Console, plan: LoadPlan) -> None:

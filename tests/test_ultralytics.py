@@ -1,0 +1,264 @@
+"""Real YOLO checkpoints, built here from ultralytics' own model configs and saved the way its
+trainer saves them (``last.pt``: the EMA model in half precision beside optimizer state and
+``train_args``; ``best.pt``: ``strip_optimizer`` of it), loaded without running the file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from copy import deepcopy
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+# ultralytics writes its settings file on import: keep it out of the user's home
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="smartload-yolo-"))
+
+import pytest
+import torch
+from conftest import snapshot
+from safetensors.torch import load_file
+from ultralytics import __version__ as ultralytics_version
+from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import (
+    ClassificationModel,
+    DetectionModel,
+    PoseModel,
+    SegmentationModel,
+)
+from ultralytics.utils import ROOT, YAML
+from ultralytics.utils.torch_utils import convert_optimizer_state_dict_to_fp16, strip_optimizer
+
+import smartload
+
+COCO = [YAML.load(ROOT / "cfg/datasets/coco.yaml")["names"][i] for i in range(80)]
+MODELS = {
+    "yolov8n.yaml": DetectionModel, "yolo11n.yaml": DetectionModel, "yolo26n.yaml": DetectionModel,
+    "yolov5nu.yaml": DetectionModel, "yolo11n-seg.yaml": SegmentationModel,
+    "yolo11n-pose.yaml": PoseModel, "yolo11n-cls.yaml": ClassificationModel,
+}  # fmt: skip
+
+
+def build(cfg: str, nc: int, seed: int) -> Any:
+    torch.manual_seed(seed)
+    model = MODELS[cfg](cfg, nc=nc, verbose=False)
+    with torch.no_grad():  # trained-looking BatchNorm statistics, so copies are visible
+        for name, buf in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buf.uniform_(0.5, 1.5)
+    return model
+
+
+def save_like_trainer(model: Any, names: list[str], folder: Path) -> tuple[Path, Path]:
+    """``last.pt`` as ``BaseTrainer.save_model`` writes it, and ``best.pt`` = ``strip_optimizer``."""
+    model.names = dict(enumerate(names))
+    model.args = get_cfg()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # momentum buffers in the optimizer state
+    ema = deepcopy(model).eval().half()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    last, best = folder / "last.pt", folder / "best.pt"
+    torch.save(
+        {
+            "epoch": 0, "best_fitness": 0.5, "model": None, "ema": ema, "updates": 10,
+            "optimizer": convert_optimizer_state_dict_to_fp16(deepcopy(optimizer.state_dict())),
+            "scaler": None, "train_args": vars(get_cfg()), "train_metrics": {"fitness": 0.5},
+            "train_results": {}, "date": datetime.now().isoformat(), "version": ultralytics_version,
+            "license": "AGPL-3.0 (https://ultralytics.com/license)", "docs": "https://docs.ultralytics.com",
+        },
+        last,
+    )  # fmt: skip
+    strip_optimizer(last, best)
+    return last, best
+
+
+def checkpoint_weights(model: Any) -> dict[str, torch.Tensor]:
+    """What the checkpoint holds: the model's weights through half precision."""
+    return {
+        k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()
+    }
+
+
+def check_report_against_tensors(
+    report: smartload.LoadReport,
+    target: Any,
+    saved: dict[str, torch.Tensor],
+    before: dict[str, torch.Tensor],
+) -> None:
+    got = target.state_dict()
+    for e in report.entries:
+        if e.action == "copy":
+            assert torch.equal(got[e.key], saved[e.key]), e.key
+        elif e.action == "skip":
+            assert torch.equal(got[e.key], before[e.key]), e.key
+
+
+def test_coco_nano_detector_into_3_classes_keeps_the_resized_class_branch_initialised(
+    tmp_path: Path,
+) -> None:
+    source = build("yolov8n.yaml", 80, seed=1)
+    _, best = save_like_trainer(source, COCO, tmp_path)
+    saved = checkpoint_weights(source)
+    target = build("yolov8n.yaml", 3, seed=2)
+    before = snapshot(target)
+
+    report = smartload.load(target, best, target_classes=["person", "car", "dog"])
+
+    # nano: the class branch is max(64, min(nc, 100)) wide: 80 channels for COCO, 64 for 3 classes
+    assert report.adapter == "ultralytics"
+    counts = {k: v for k, v in report.summary.items() if not k.endswith("_params")}
+    assert counts == {"copy": 319, "slice": 0, "reinit-normal": 0, "skip": 36, "unused": 0}
+    skipped = {e.key.split(".cv3.")[1].split(".")[0] for e in report.entries if e.action == "skip"}
+    assert skipped == {"0", "1", "2"}
+    assert all(e.key.startswith("model.22.cv3.") for e in report.entries if e.action == "skip")
+    assert [(h.name, h.old_classes, h.new_classes, h.class_map) for h in report.heads] == [
+        (f"model.22.cv3.{i}.2", 80, 3, None) for i in range(3)
+    ]
+    check_report_against_tensors(report, target, saved, before)
+    # the backbone and the box branch exactly, from float16
+    assert torch.equal(target.model[0].conv.weight, saved["model.0.conv.weight"])
+    assert torch.equal(target.model[22].cv2[2][2].bias, saved["model.22.cv2.2.2.bias"])
+    assert (
+        "checkpoint class names (80) read from the pickled model's names attribute" in report.notes
+    )
+
+
+@pytest.mark.parametrize("cfg", ["yolo11n-seg.yaml", "yolo26n.yaml", "yolov5nu.yaml"])
+def test_class_rows_follow_the_class_names(cfg: str, tmp_path: Path) -> None:
+    names = [f"class{i}" for i in range(20)]
+    source = build(cfg, 20, seed=1)
+    _, best = save_like_trainer(source, names, tmp_path)
+    saved = checkpoint_weights(source)
+    target = build(cfg, 3, seed=2)
+    before = snapshot(target)
+
+    report = smartload.load(target, best, target_classes=["class7", "unicorn", "class2"])
+
+    head = target.model[-1]
+    branches = ["cv3", "one2one_cv3"] if cfg == "yolo26n.yaml" else ["cv3"]
+    prefix = f"model.{len(target.model) - 1}"
+    assert [h.name for h in report.heads] == [
+        f"{prefix}.{b}.{i}.2" for b in branches for i in range(3)
+    ]
+    assert {h.class_map for h in report.heads} == {(7, None, 2)}
+    assert report.summary["slice"] == 2 * 3 * len(branches)
+    assert report.summary["skip"] == report.summary["reinit-normal"] == 0
+    for branch in branches:
+        for level in range(3):
+            key = f"{prefix}.{branch}.{level}.2"
+            w, b = target.state_dict()[f"{key}.weight"], target.state_dict()[f"{key}.bias"]
+            assert torch.equal(w[0], saved[f"{key}.weight"][7])
+            assert torch.equal(w[2], saved[f"{key}.weight"][2])
+            assert torch.equal(b[[0, 2]], saved[f"{key}.bias"][[7, 2]])
+            # a new class starts as Detect.bias_init starts it
+            stride = float(head.stride[level])
+            assert b[1].item() == pytest.approx(math.log(5 / 3 / (640 / stride) ** 2))
+            assert not torch.equal(w[1], before[f"{key}.weight"][1])
+    check_report_against_tensors(report, target, saved, before)
+
+
+def test_pose_model_same_classes_loads_exactly(tmp_path: Path) -> None:
+    source = build("yolo11n-pose.yaml", 1, seed=1)
+    _, best = save_like_trainer(source, ["person"], tmp_path)
+    target = build("yolo11n-pose.yaml", 1, seed=2)
+
+    report = smartload.load(target, best)
+
+    assert report.summary["copy"] == len(target.state_dict()) == 541
+    for key, value in checkpoint_weights(source).items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_classifier_head_sliced_by_index(tmp_path: Path) -> None:
+    source = build("yolo11n-cls.yaml", 10, seed=1)
+    _, best = save_like_trainer(source, [f"c{i}" for i in range(10)], tmp_path)
+    saved = checkpoint_weights(source)
+    target = build("yolo11n-cls.yaml", 3, seed=2)
+
+    report = smartload.load(target, best, num_classes=3, class_map=[9, 0, None])
+
+    assert [(h.name, h.old_classes, h.new_classes) for h in report.heads] == [
+        ("model.10.linear", 10, 3)
+    ]
+    assert torch.equal(target.model[10].linear.weight[:2], saved["model.10.linear.weight"][[9, 0]])
+    assert target.model[10].linear.bias[2].item() == 0.0
+
+
+def test_training_checkpoint_holds_only_ema_weights(tmp_path: Path) -> None:
+    source = build("yolo11n.yaml", 80, seed=1)
+    last, _ = save_like_trainer(source, COCO, tmp_path)
+    target = build("yolo11n.yaml", 80, seed=2)
+
+    with pytest.raises(smartload.InvalidArgumentError, match="pass ema=True"):
+        smartload.load(target, last)
+    report = smartload.load(target, last, ema=True)
+
+    assert report.state_dict_path == ("ema",) and report.summary["copy"] == 499
+    momentum = len(list(source.parameters()))  # one buffer per parameter in the SGD state
+    assert (momentum, report.extras["optimizer"]) == (256, "dict with 2 entries, 256 tensors")
+    for key, value in checkpoint_weights(source).items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_inspect_and_convert_without_ultralytics(tmp_path: Path) -> None:
+    source = build("yolov8n.yaml", 80, seed=1)
+    _, best = save_like_trainer(source, COCO, tmp_path)
+    out = tmp_path / "yolov8n.safetensors"
+    script = (
+        "import sys, json\n"
+        "sys.modules['ultralytics'] = None  # not importable\n"
+        "from smartload.cli import main\n"
+        f"assert main(['convert', {str(best)!r}, {str(out)!r}]) == 0\n"
+        f"code = main(['inspect', {str(best)!r}, '--json'])\n"
+        "assert [m for m in sys.modules if m.startswith('ultralytics')] == ['ultralytics']\n"
+        "assert sys.modules['ultralytics'] is None\n"
+        "raise SystemExit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout[done.stdout.index("{") :])
+    assert data["safe"] is True and data["state_dict_path"] == ["model"]
+    assert data["module_tree"]["root"]["class"] == "ultralytics.nn.tasks.DetectionModel"
+    assert data["module_tree"]["executed"] is False
+    assert data["module_tree"]["class_names"] == COCO
+    assert data["module_tree"]["classes"]["ultralytics.nn.modules.head.Detect"] == 1
+    assert data["heads"] == [
+        {"key": "model.22.cv3.0.2.weight", "rows": 80, "num_classes": 80,
+         "kind": "ultralytics Detect class branch"},
+    ]  # fmt: skip
+    assert {"train_args", "date", "version"} <= set(data["extras"])
+    assert data["extras"]["version"] == repr(ultralytics_version)
+    assert data["dtypes"] == {"float16": 298, "int64": 57}
+    written = load_file(out)
+    expected = {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    assert sorted(written) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(written[key], value), key
+
+
+def test_cli_diff_builds_the_yolo_model_from_its_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from smartload.cli import main
+
+    _, best = save_like_trainer(
+        build("yolo11n.yaml", 20, seed=1), [f"class{i}" for i in range(20)], tmp_path
+    )
+    args = ["diff", str(best), "--model", "yolo:yolo11n.yaml", "--num-classes", "3"]
+
+    assert main([*args, "--class-map", "class7,none,class2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)  # nothing but JSON on stdout
+    assert plan["adapter"] == "ultralytics"
+    assert [(h["name"], h["class_map"]) for h in plan["heads"]] == [
+        (f"model.23.cv3.{i}.2", [7, None, 2]) for i in range(3)
+    ]
+    assert main(["diff", str(best), "--model", "yolo:yolo11n-cls.yaml", "--json"]) == 5
