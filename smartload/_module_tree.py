@@ -104,25 +104,17 @@ def _short(qualname: str) -> str:
     return qualname.rpartition(".")[2]
 
 
-def _module_state(obj: StandIn) -> dict[Any, Any] | None:
-    """The recorded ``__dict__`` of a pickled module; None if ``obj`` does not claim to be one."""
-    state = obj.state
-    if isinstance(state, dict) and "_parameters" in state:
-        return state
-    # a module's state wrapped some other way (slot state, a tuple for a custom __setstate__)
-    if isinstance(state, tuple) and any(isinstance(s, dict) and "_parameters" in s for s in state):
-        raise ModuleTreeError(
-            f"the module object {obj.qualname} carries its state in a {brief(state)}, not "
-            "the plain __dict__ torch pickles; restoring it would need the class's own "
-            "__setstate__",
-            obj.qualname,
-        )
-    return None
-
-
 def is_module(obj: Any) -> bool:
-    """A stand-in that claims to be a pickled ``nn.Module`` (its state holds ``_parameters``)."""
-    return isinstance(obj, StandIn) and _module_state(obj) is not None
+    """A stand-in that claims to be a pickled ``nn.Module``: its recorded state is a ``__dict__``
+    with ``_parameters`` (or a tuple holding one, which :func:`extract` refuses)."""
+    if not isinstance(obj, StandIn):
+        return False
+    state = obj.state
+    if isinstance(state, dict):
+        return "_parameters" in state
+    return isinstance(state, tuple) and any(
+        isinstance(s, dict) and "_parameters" in s for s in state
+    )
 
 
 def extract(root: StandIn) -> tuple[dict[str, TensorRecord], ModuleTree]:
@@ -186,8 +178,13 @@ def _where(prefix: str) -> str:
 
 
 def _checked_state(module: StandIn, prefix: str) -> dict[Any, Any]:
-    state = _module_state(module)
-    assert state is not None  # is_module was checked
+    state = module.state
+    if not isinstance(state, dict):  # a tuple (slot state, or for a custom __setstate__)
+        raise ModuleTreeError(
+            f"{_where(prefix)} ({module.qualname}) carries its state in {brief(state)}, not the "
+            "plain __dict__ torch pickles; restoring it would need the class's own __setstate__",
+            module.qualname,
+        )
     if module.called:
         raise ModuleTreeError(
             f"{_where(prefix)} ({module.qualname}) is made by calling {module.qualname}(...), "

@@ -89,7 +89,7 @@ def find_state_dicts(tree: Any, where: str) -> list[Found]:
     def walk(node: Any, path: tuple[str, ...]) -> None:
         if id(node) in seen:
             return
-        if _module(node, where):
+        if is_module(node):
             seen.add(id(node))
             tensors, module = _extract(node, path, where)
             if tensors:
@@ -109,13 +109,6 @@ def find_state_dicts(tree: Any, where: str) -> list[Found]:
 
     walk(tree, ())
     return found
-
-
-def _module(node: Any, where: str) -> bool:
-    try:
-        return is_module(node)
-    except ModuleTreeError as exc:
-        raise _tree_error(exc, where, ()) from None
 
 
 def _extract(

@@ -2,7 +2,9 @@
 
 Defaults (design.md, "Policies"): equal shapes → copy; missing from the checkpoint → skip; a
 class-count head whose class dimension differs → slice with a class map, else reinit-normal; any
-other mismatch → :class:`IncompatibleCheckpointError`. User policies (globs) override.
+other mismatch → :class:`IncompatibleCheckpointError`, unless the adapter says the key keeps the
+model's own initialisation (``Adapter.keep_initialised``: a YOLO class branch whose width follows
+the class count), and then the rest of that key's head does too. User policies (globs) override.
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ class UltralyticsAdapter(Adapter):
         for branch in _BRANCHES:
             for level, seq in enumerate(getattr(head, branch, None) or ()):
                 last = seq[-1]
+                if getattr(last, "out_channels", None) != nc:  # YOLO-World/YOLOE: embeddings
+                    continue
                 stride = float(head.stride[level]) if level < len(head.stride) else 0.0
                 # Detect.bias_init; a head whose strides are not set yet starts at 0
                 bias = math.log(5 / nc / (640 / stride) ** 2) if stride > 0 else 0.0
