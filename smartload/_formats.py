@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from ._gc import gc_paused
 from ._records import DTYPE_ITEMSIZE, MAX_NDIM, MAX_NUMEL, Refused, StorageRef, TensorRecord, brief
-from ._unpickler import Marker, unpickle
+from ._unpickler import Marker, is_stand_in_class, unpickle
 from .errors import CheckpointFormatError
 
 __all__ = ["RawCheckpoint", "Source", "read"]
@@ -389,6 +389,16 @@ def _storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
     return ref
 
 
+def _legacy_ref(pid: Any, storages: dict[str, StorageRef]) -> Any:
+    """Legacy ``torch.save(model)`` names each module class as ``("module", cls, file, source)``
+    (torch only compares the source with the installed one): the class's inert stand-in."""
+    if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+        if not is_stand_in_class(pid[1]):
+            raise Refused(f"a module persistent id naming {brief(pid[1])}")
+        return pid[1]
+    return _storage_ref(pid, storages)
+
+
 # --------------------------------------------------------------------------------------------------
 # pickles: torch legacy (stacked pickles + raw storages) and plain pickles (detectron2 .pkl)
 
@@ -421,7 +431,7 @@ def _read_legacy(
         raise CheckpointFormatError(path, "unsupported legacy torch protocol version")
     load()  # sys_info: endianness and type sizes
     storages: dict[str, StorageRef] = {}
-    tree = load(persistent_load=lambda pid: _storage_ref(pid, storages), encoding="latin1")
+    tree = load(persistent_load=lambda pid: _legacy_ref(pid, storages), encoding="latin1")
     keys = load()
     if (
         not isinstance(keys, list)

@@ -50,7 +50,12 @@ def hostile_reason(qualname: str) -> str | None:
         return None if name in _BENIGN_BUILTINS else "builtin that can run code or touch files"
     if top in _HOSTILE_PACKAGES:
         return f"module {top!r} can run code or touch the system"
-    if qualname in _HOSTILE_EXACT or name.startswith("__") or module.startswith("__"):
+    # __main__: classes of the script that saved the file (torch.save(model) from a notebook)
+    if (
+        qualname in _HOSTILE_EXACT
+        or name.startswith("__")
+        or (module.startswith("__") and module != "__main__")
+    ):
         return "callable that can run code or load another pickle"
     if any(module == p or module.startswith(p + ".") or qualname == p for p in _HOSTILE_PREFIXES):
         return "callable that can run code or load another pickle"

@@ -12,7 +12,14 @@ from typing import Any
 
 from ._formats import read
 from ._module_tree import ModuleTree
-from ._normalize import choose_state_dict, describe_extras, find_state_dicts, leaf_dtype, leaf_shape
+from ._normalize import (
+    Found,
+    choose_state_dict,
+    describe_extras,
+    find_state_dicts,
+    leaf_dtype,
+    leaf_shape,
+)
 from ._records import DTYPE_ITEMSIZE, TensorRecord
 from ._unpickler import inert_globals
 from .errors import InvalidArgumentError
@@ -141,8 +148,10 @@ def inspect(
     except InvalidArgumentError:
         if ema or state_dict_path is not None:
             raise
-        found = find_state_dicts(raw.tree, raw.path)  # EMA-only files: still describe them
-        sd_path, leaves, module = found[0] if found else ((), {}, None)
+        # EMA-only files: still describe them
+        found = [f for f in find_state_dicts(raw.tree, raw.path) if f.refused is None]
+        first = found[0] if found else Found((), {})
+        sd_path, leaves, module = first.path, first.tensors, first.module
         others = tuple(f.path for f in found[1:])
     tensors = {
         key: TensorInfo(

@@ -23,21 +23,23 @@ from typing import Any
 
 from ._records import StandIn, TensorRecord, brief
 
-__all__ = ["ModuleTree", "ModuleTreeError", "extract", "is_module"]
+__all__ = ["Budget", "ModuleTree", "ModuleTreeError", "extract", "is_module"]
 
 _SLOTS = ("_parameters", "_buffers", "_modules")
 _MAX_DEPTH = 200  # nn.Module.state_dict recurses in Python: real models are far shallower
-_MAX_VISITS = 1_000_000  # module visits (a module shared under two names is visited twice)
+MAX_ENTRIES = 1_000_000  # per file: slot entries checked plus keys written (repeats included)
 _MAX_KEY_CHARS = 100_000_000  # all keys together: sharing must not multiply them without bound
 _SETS = ("builtins.set", "builtins.frozenset")
 
 
 class ModuleTreeError(Exception):
-    """A module tree smartload will not extract. ``global_name``: the callable it would need."""
+    """A module tree smartload will not extract. ``global_name``: the callable a call in it names
+    (a crafted file); ``limit``: the tree is larger than smartload extracts."""
 
-    def __init__(self, message: str, global_name: str | None = None) -> None:
+    def __init__(self, message: str, global_name: str | None = None, limit: bool = False) -> None:
         super().__init__(message)
         self.global_name = global_name
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class ModuleTree:
     classes: Mapping[str, int]  # class qualname → modules of that class, most common first
     attributes: Mapping[str, str]  # the root module's other attributes, described
     class_names: tuple[str, ...] | None  # the root's ``names`` (YOLO), when it is a clean list
+    hooked: tuple[str, ...] = ()  # modules with state-dict hooks: torch's keys may differ
 
     def outline(self, depth: int = 2, width: int = 12) -> list[str]:
         """The tree's first ``depth`` levels, a line per module that has children."""
@@ -97,6 +100,7 @@ class ModuleTree:
             "classes": dict(self.classes),
             "attributes": dict(self.attributes),
             "class_names": list(self.class_names) if self.class_names is not None else None,
+            "modules_with_state_dict_hooks": list(self.hooked),
         }
 
 
@@ -117,64 +121,123 @@ def is_module(obj: Any) -> bool:
     )
 
 
-def extract(root: StandIn) -> tuple[dict[str, TensorRecord], ModuleTree]:
-    """The state dict of a pickled module tree (keys as ``root.state_dict()`` would have them)."""
+class Budget:
+    """What extracting module trees may cost, for one file (every tree in it shares it): a small
+    crafted file must not make the walk take minutes or gigabytes."""
+
+    def __init__(self) -> None:
+        self.entries = 0  # slot entries checked (None included) and keys written
+        self.key_chars = 0
+
+    def spend(self, entries: int, key_chars: int = 0) -> None:
+        self.entries += entries
+        self.key_chars += key_chars
+        if self.entries > MAX_ENTRIES:
+            raise ModuleTreeError(
+                f"the module tree has more than {MAX_ENTRIES:,} entries (tensors, modules, "
+                "repeats of shared modules)",
+                limit=True,
+            )
+        if self.key_chars > _MAX_KEY_CHARS:
+            raise ModuleTreeError("the module tree's keys exceed 100 MB of text", limit=True)
+
+
+@dataclass
+class _Checked:
+    """One distinct module, checked once: its own tensors and its children, in state-dict order."""
+
+    node: ModuleNode | None
+    tensors: list[tuple[str, TensorRecord]]
+    children: list[tuple[str, StandIn]]
+
+
+def extract(
+    root: StandIn, budget: Budget | None = None
+) -> tuple[dict[str, TensorRecord], ModuleTree]:
+    """The state dict of a pickled module tree (keys as ``root.state_dict()`` would have them).
+
+    Each distinct module is checked once; a module shared under several names (as torch's
+    ``state_dict`` lists it) only repeats its keys. Raises :class:`ModuleTreeError`.
+    """
+    budget = budget or Budget()
     out: dict[str, TensorRecord] = {}
-    nodes: dict[int, ModuleNode] = {}
+    checked: dict[int, _Checked] = {}
     classes: Counter[str] = Counter()
-    visits = key_chars = 0
+    hooked: list[str] = []
 
     def walk(module: StandIn, prefix: str, ancestors: tuple[int, ...]) -> ModuleNode:
-        nonlocal visits, key_chars
-        visits += 1
-        if visits > _MAX_VISITS:
-            raise ModuleTreeError(f"more than {_MAX_VISITS:,} module visits in the module tree")
-        if len(ancestors) > _MAX_DEPTH:
-            raise ModuleTreeError(f"modules nested more than {_MAX_DEPTH} deep at {prefix!r}")
-        state = _checked_state(module, prefix)
-        skip = _names_set(state.get("_non_persistent_buffers_set"), prefix)
-        for slot in ("_parameters", "_buffers"):
-            for name, value in _slot(state, slot, prefix).items():
-                if value is None or (slot == "_buffers" and name in skip):
-                    continue
-                key = prefix + name
-                if not isinstance(value, TensorRecord):
-                    _refuse_value(key, slot, value)
-                if key in out:
-                    raise ModuleTreeError(f"two tensors of the module tree are named {key!r}")
-                key_chars += len(key)
-                if key_chars > _MAX_KEY_CHARS:
-                    raise ModuleTreeError("the module tree's keys exceed 100 MB of text")
-                out[key] = value
-        children = []
-        for name, child in _slot(state, "_modules", prefix).items():
-            if child is None:
-                continue
-            where = prefix + name
-            if not is_module(child):
-                _refuse_child(where, child)
-            if id(child) in ancestors:
-                raise ModuleTreeError(f"the module at {where!r} contains itself (a cycle)")
-            children.append((name, walk(child, where + ".", (*ancestors, id(child)))))
-        node = nodes.get(id(module))
-        if node is None:
-            node = nodes[id(module)] = ModuleNode(module.qualname, tuple(children))
+        # ancestors: the modules from the root down to this one, itself included
+        if len(ancestors) > _MAX_DEPTH + 1:
+            raise ModuleTreeError(
+                f"modules nested more than {_MAX_DEPTH} deep (at {brief(prefix, 80)})", limit=True
+            )
+        done = checked.get(id(module))
+        if done is None:
+            done = checked[id(module)] = _check(module, prefix, budget)
             classes[module.qualname] += 1
-        return node
+            if _has_hooks(module.state):
+                hooked.append(prefix.removesuffix(".") or "(top)")
+        budget.spend(1 + len(done.tensors), sum(len(prefix) + len(n) for n, _ in done.tensors))
+        for name, tensor in done.tensors:
+            key = prefix + name
+            if key in out:
+                raise ModuleTreeError(f"two tensors of the module tree are named {brief(key, 80)}")
+            out[key] = tensor
+        nodes = []
+        for name, child in done.children:
+            if id(child) in ancestors:
+                where = brief(prefix + name, 80)
+                raise ModuleTreeError(f"the module at {where} contains itself (a cycle)")
+            nodes.append((name, walk(child, f"{prefix}{name}.", (*ancestors, id(child)))))
+        if done.node is None:
+            done.node = ModuleNode(module.qualname, tuple(nodes))
+        return done.node
 
     tree = walk(root, "", (id(root),))
-    root_state = _checked_state(root, "")
+    root_state = root.state
+    assert isinstance(root_state, dict)  # checked by walk
     return out, ModuleTree(
         root=tree,
-        modules=len(nodes),
+        modules=len(checked),
         classes=dict(classes.most_common()),
         attributes=_attributes(root_state),
         class_names=_class_names(root_state.get("names")),
+        hooked=tuple(hooked),
     )
 
 
+def _check(module: StandIn, prefix: str, budget: Budget) -> _Checked:
+    state = _checked_state(module, prefix)
+    skip = _names_set(state.get("_non_persistent_buffers_set"), prefix)
+    tensors: list[tuple[str, TensorRecord]] = []
+    for slot in ("_parameters", "_buffers"):
+        entries = _slot(state, slot, prefix)
+        budget.spend(len(entries))
+        for name, value in entries.items():
+            if value is None or (slot == "_buffers" and name in skip):
+                continue
+            if not isinstance(value, TensorRecord):
+                _refuse_value(prefix + name, slot, value)
+            tensors.append((name, value))
+    children = []
+    modules = _slot(state, "_modules", prefix)
+    budget.spend(len(modules))
+    for name, child in modules.items():
+        if child is None:
+            continue
+        if not is_module(child):
+            _refuse_child(prefix + name, child)
+        children.append((name, child))
+    return _Checked(None, tensors, children)
+
+
+def _has_hooks(state: dict[Any, Any]) -> bool:
+    """State-dict hooks change the keys ``state_dict()`` returns: their code is not run here."""
+    return any(state.get(k) for k in ("_state_dict_hooks", "_state_dict_pre_hooks"))
+
+
 def _where(prefix: str) -> str:
-    return f"the module at {prefix.removesuffix('.')!r}" if prefix else "the top module"
+    return f"the module at {brief(prefix.removesuffix('.'), 80)}" if prefix else "the top module"
 
 
 def _checked_state(module: StandIn, prefix: str) -> dict[Any, Any]:
@@ -182,8 +245,7 @@ def _checked_state(module: StandIn, prefix: str) -> dict[Any, Any]:
     if not isinstance(state, dict):  # a tuple (slot state, or for a custom __setstate__)
         raise ModuleTreeError(
             f"{_where(prefix)} ({module.qualname}) carries its state in {brief(state)}, not the "
-            "plain __dict__ torch pickles; restoring it would need the class's own __setstate__",
-            module.qualname,
+            "plain __dict__ torch pickles; restoring it would need the class's own __setstate__"
         )
     if module.called:
         raise ModuleTreeError(
@@ -198,7 +260,9 @@ def _checked_state(module: StandIn, prefix: str) -> dict[Any, Any]:
         )
     for key in state:
         if not isinstance(key, str):
-            raise ModuleTreeError(f"{_where(prefix)} has an attribute named by a {brief(key)}")
+            raise ModuleTreeError(
+                f"{_where(prefix)} has an attribute named {brief(key)}, not a str"
+            )
     return state
 
 
@@ -227,6 +291,7 @@ def _names_set(value: Any, prefix: str) -> frozenset[str]:
     elif (
         isinstance(value, StandIn)
         and value.qualname in _SETS
+        and value.called
         and len(value.args) <= 1
         and not value.builds
         and all(isinstance(a, list | tuple) for a in value.args)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
-from ._module_tree import ModuleTree, ModuleTreeError, extract, is_module
+from ._module_tree import Budget, ModuleTree, ModuleTreeError, extract, is_module
 from ._records import ArrayRecord, StandIn, TensorRecord, brief
 from .errors import CheckpointFormatError, InvalidArgumentError, UnsafeCheckpointError
 
@@ -74,24 +74,31 @@ class StateDictChoice:
 class Found(NamedTuple):
     path: tuple[str, ...]
     tensors: Mapping[str, Any]
-    module: ModuleTree | None  # set when the tensors were extracted from a pickled module
+    module: ModuleTree | None = None  # set when the tensors come from a pickled module
+    refused: Exception | None = None  # a pickled module smartload will not extract: why
 
 
 def find_state_dicts(tree: Any, where: str) -> list[Found]:
     """Every mapping of str → tensor in the tree (outside optimizer state), with its path, and
     the state dict of every pickled ``nn.Module`` (``torch.save(model)``, YOLO ``.pt`` files).
 
-    ``where`` (the file) names the checkpoint in the errors a refused module tree raises.
+    A pickled module that cannot be extracted is listed with ``refused`` (a smartload error
+    naming ``where``, the file): it is raised only if the weights would be taken from it.
     """
     found: list[Found] = []
     seen: set[int] = set()  # a pickle can share one dict many times (or contain itself)
+    budget = Budget()  # one for every module tree in the file
 
     def walk(node: Any, path: tuple[str, ...]) -> None:
         if id(node) in seen:
             return
         if is_module(node):
             seen.add(id(node))
-            tensors, module = _extract(node, path, where)
+            try:
+                tensors, module = extract(node, budget)
+            except ModuleTreeError as exc:
+                found.append(Found(path, {}, refused=_tree_error(exc, where, path)))
+                return
             if tensors:
                 found.append(Found(path, tensors, module))
             return
@@ -111,22 +118,15 @@ def find_state_dicts(tree: Any, where: str) -> list[Found]:
     return found
 
 
-def _extract(
-    node: StandIn, path: tuple[str, ...], where: str
-) -> tuple[dict[str, TensorRecord], ModuleTree]:
-    try:
-        return extract(node)
-    except ModuleTreeError as exc:
-        raise _tree_error(exc, where, path) from None
-
-
 def _tree_error(exc: ModuleTreeError, where: str, path: tuple[str, ...]) -> Exception:
     at = f"in the pickled module at {_show_path(path)}: " if path else "in the pickled module: "
     if exc.global_name is not None:
         return UnsafeCheckpointError(where, [exc.global_name], detail=at + str(exc))
-    return CheckpointFormatError(
-        where, at + str(exc), "The file was not written by torch.save; do not trust it"
-    )
+    if exc.limit:
+        hint = "Where the model's code is trusted, save model.state_dict() and load that"
+    else:
+        hint = "torch.save does not write this; do not trust the file"
+    return CheckpointFormatError(where, at + str(exc), hint)
 
 
 def choose_state_dict(
@@ -138,6 +138,8 @@ def choose_state_dict(
             path, "the file holds a single tensor, not a state dict", "Save model.state_dict()"
         )
     found = find_state_dicts(tree, path)
+    if found and all(f.refused is not None for f in found):
+        _raise_refused(found[0])
     if not found:
         raise CheckpointFormatError(
             path,
@@ -164,9 +166,17 @@ def choose_state_dict(
             raise InvalidArgumentError(
                 f"{path}: the file holds only EMA weights ({paths}); pass ema=True to load them"
             )
-    best = max(chosen, key=lambda f: (len(f.tensors), -len(f.path)))
-    others = tuple(f.path for f in found if f.path != best.path)
+    usable = [f for f in chosen if f.refused is None]
+    if not usable:  # the weights asked for are in a module smartload refuses to extract
+        _raise_refused(chosen[0])
+    best = max(usable, key=lambda f: (len(f.tensors), -len(f.path)))
+    others = tuple(f.path for f in found if f.path != best.path and f.refused is None)
     return StateDictChoice(best.path, best.tensors, others, _is_ema(best.path), best.module)
+
+
+def _raise_refused(found: Found) -> NoReturn:
+    assert found.refused is not None
+    raise found.refused
 
 
 def _describe_top(tree: Any) -> str:

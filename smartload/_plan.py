@@ -215,6 +215,8 @@ def make_plan(
             f"weights extracted from a pickled {ckpt.module.root.qualname} ({ckpt.module.modules} "
             "modules): no class of it was imported and nothing in the file was executed"
         )
+        if ckpt.module.hooked:
+            notes.append(_hooks_note(ckpt.module.hooked))
     if isinstance(source_classes, str):
         source_classes = _label_set(chosen, source_classes)
     elif source_classes is None and _names_needed(class_map, target_classes):
@@ -300,11 +302,21 @@ def make_plan(
     )
 
 
+def _hooks_note(hooked: Sequence[str]) -> str:
+    shown = ", ".join(hooked[:5]) + (f" and {len(hooked) - 5} more" if len(hooked) > 5 else "")
+    return (
+        f"modules with state-dict hooks, not run: {shown}; their keys are the raw parameters "
+        "and buffers, which the model's own state_dict() may rename or add to"
+    )
+
+
 def _names_needed(class_map: Any, target_classes: Sequence[str] | None) -> bool:
     """Whether the plan needs the checkpoint's class names (target names, or a map by name)."""
     if target_classes is not None:
         return True
-    listed = class_map.values() if isinstance(class_map, Mapping) else class_map or ()
+    if class_map is None:
+        return False
+    listed = class_map.values() if isinstance(class_map, Mapping) else class_map
     return any(isinstance(old, str) for old in listed)
 
 
@@ -390,13 +402,14 @@ def _decide(
         "std": std,
         "fill": fill,
     }
+    unread = {**base, "cast": None}  # for entries that take no value from the checkpoint
     action = policy[1] if policy else None
     by_policy = f"policy {policy[0]!r}" if policy else ""
 
     if action == "skip" or (action is None and leaf is None):
-        return PlanEntry(action="skip", reason=by_policy or "missing", **base)
+        return PlanEntry(action="skip", reason=by_policy or "missing", **unread)
     if action == "reinit-normal":
-        return PlanEntry(action="reinit-normal", reason=by_policy, **base)
+        return PlanEntry(action="reinit-normal", reason=by_policy, **unread)
     if leaf is None:  # copy/slice asked for a key the checkpoint lacks
         return None
     assert ckpt_shape is not None
@@ -440,7 +453,10 @@ def _decide(
     if action is None and class_map is None and old_k != new_k:
         _record_head(ctx, rule, key, old_k, new_k, None)
         return PlanEntry(
-            action="reinit-normal", reason=f"{description}, no class map", dim=dim, **base
+            action="reinit-normal",
+            reason=f"{description}, no class map",
+            dim=dim,
+            **{**base, "cast": None},
         )
     mapping = resolve_class_map(
         class_map, new_k, old_k, source_classes=ctx.source_classes, head=rule.name

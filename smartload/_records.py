@@ -168,7 +168,8 @@ class StandIn:
     items: dict[Any, Any] = field(default_factory=dict)
     listitems: list[Any] = field(default_factory=list)
     # how the pickle made it: False for NEWOBJ or copyreg._reconstructor (an object restored from
-    # its state, as every pickled nn.Module is), True for a call (REDUCE) of the global
+    # its state, as every pickled nn.Module is; _reconstructor's own state argument only feeds
+    # the base class's __new__, None for object), True for a call (REDUCE) of the global
     called: bool = False
     builds: int = 0  # BUILD opcodes applied to it (a restored module has exactly one)
 

@@ -244,7 +244,7 @@ def _table_rows(entries: Sequence[PlanEntry]) -> list[tuple[str, str, str]]:
             copies[top, cast] = copies.get((top, cast), 0) + 1
             continue
         detail = f"{_shape(e.ckpt_shape)} → {_shape(e.model_shape)}  {e.reason}"
-        if e.cast and e.action in ("copy", "slice"):
+        if e.cast:
             detail += f", cast {e.ckpt_dtype} → {e.model_dtype} ({e.cast})"
         grouped.setdefault((e.key.rpartition(".")[0], e.action, detail), []).append(e.key)
     top_level = {e.key for e in entries if "." not in e.key}

@@ -57,7 +57,7 @@ from ._records import (
 )
 from .errors import CheckpointFormatError, UnsafeCheckpointError
 
-__all__ = ["Marker", "inert_globals", "unpickle"]
+__all__ = ["Marker", "inert_globals", "is_stand_in_class", "unpickle"]
 
 # --------------------------------------------------------------------------------------------------
 # what find_class hands to the pickle machine
@@ -120,12 +120,18 @@ class _StandInType(type):
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         obj = cls.__new__(cls)  # type: ignore[call-overload]
-        obj.record.args = args
+        # as they were at the call: the pickle may fill a list after passing it (set(L) copies L)
+        obj.record.args = tuple(list(a) if type(a) is list else a for a in args)
         obj.record.called = True
         if cls.calls is not None and len(cls.calls) < 100:
             shown = ", ".join(brief(a, limit=200) for a in args[:6])
             cls.calls.append(f"{cls.qualname}({shown})")
         return obj
+
+
+def is_stand_in_class(obj: Any) -> bool:
+    """A class the file named that became an inert stand-in (not a builder, marker or hostile)."""
+    return isinstance(obj, _StandInType) and obj.calls is None
 
 
 class _StandInBuild:
@@ -141,7 +147,9 @@ class _StandInBuild:
             return refuse
 
         def record(state: Any) -> None:
-            obj.record.state = state
+            # a copy, as __setstate__/__dict__.update take one: changes the pickle makes to the
+            # dict after BUILD do not reach the object
+            obj.record.state = dict(state) if isinstance(state, dict) else state
             obj.record.builds += 1
 
         return record

@@ -161,11 +161,14 @@ def _fail(args: argparse.Namespace, exc: SmartloadError, code: int, verdict: str
         print(json.dumps(out, indent=2))
     if isinstance(exc, UnsafeCheckpointError):
         err.print(Text(f"UNSAFE {args.path}", style="bold red"))
-        err.print(f"  hostile globals: {', '.join(exc.globals)}")
+        err.print(f"  hostile globals: {_printable(', '.join(exc.globals))}", markup=False)
         for call in exc.calls:
-            err.print(f"  would have run:  {call}", markup=False)
+            err.print(f"  would have run:  {_printable(call)}", markup=False)
         err.print("  nothing from the file was run", markup=False)
-    err.print(Text(f"smartload: {verdict}: {exc}"), style="red" if code != EXIT_USAGE else None)
+    err.print(
+        Text(_printable(f"smartload: {verdict}: {exc}")),
+        style="red" if code != EXIT_USAGE else None,
+    )
     return code
 
 
@@ -193,11 +196,11 @@ def _inspect(args: argparse.Namespace, out: Console) -> int:
 
 
 def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> None:
-    out.print(Text(info.path, style="bold"))
+    out.print(Text(_printable(info.path), style="bold"))
     verdict = Text("SAFE", style="bold green")
     verdict.append(
         f"  {info.format}; nothing in the file can run; globals: "
-        + (", ".join(info.globals) if info.globals else "none"),
+        + (_printable(", ".join(info.globals)) if info.globals else "none"),
         style="default",
     )
     out.print(verdict)
@@ -262,6 +265,8 @@ def _module_facts(fact: Callable[..., None], tree: ModuleTree) -> None:
             "names",
             f"{len(names)} classes: {', '.join(names[:10])}" + (", ..." if len(names) > 10 else ""),
         )
+    if tree.hooked:
+        fact("hooks", "state-dict hooks (not run) on " + ", ".join(tree.hooked[:8]))
     attributes = {k: v for k, v in tree.attributes.items() if k != "names"}
     if attributes:
         fact("attributes", ", ".join(f"{k}: {v}" for k, v in attributes.items()))
@@ -271,9 +276,18 @@ def _plain_row(table: Table) -> Callable[..., None]:
     """Add a row of text from the file: never read as rich markup (``[inert]`` is not a tag)."""
 
     def add(*cells: str) -> None:
-        table.add_row(*(Text(cell) for cell in cells))
+        table.add_row(*(Text(_printable(cell)) for cell in cells))
 
     return add
+
+
+def _printable(text: str) -> str:
+    """Names from the file, with control characters escaped: they must not drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode() for c in text
+    )
 
 
 def _key_rows(tensors: Mapping[str, TensorInfo]) -> list[tuple[str, str, str, str]]:
@@ -431,11 +445,11 @@ def _build(spec: str, num_classes: int | None) -> torch.nn.Module:
 def _render_plan(out: Console, plan: LoadPlan) -> None:
     styles = {"copy": "green", "slice": "yellow", "reinit-normal": "magenta", "skip": "dim"}
     lines = str(plan).splitlines()
-    out.print(Text(lines[0], style="bold"))
-    out.print(Text(lines[1]))
+    out.print(Text(_printable(lines[0]), style="bold"))
+    out.print(Text(_printable(lines[1])))
     for line in lines[2:]:
         action = line.split()[0] if line.startswith("  ") and line.split() else ""
-        out.print(Text(line, style=styles.get(action, "default")))
+        out.print(Text(_printable(line), style=styles.get(action, "default")))
 
 
 def _compare(args: argparse.Namespace, out: Console) -> int:

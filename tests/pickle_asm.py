@@ -1,9 +1,9 @@
 """A tiny pickle assembler for crafting hostile and malformed checkpoints in tests.
 
 ``assemble(obj)`` writes a protocol-2 pickle of ``obj`` where :class:`Global`, :class:`Call`,
-:class:`New`, :class:`Build` and :class:`Pid` stand for the GLOBAL, REDUCE, NEWOBJ, BUILD and
-BINPERSID opcodes, so a test can name any global (real or not) without that global existing or
-being importable here.
+:class:`New`, :class:`Build`, :class:`Pid`, :class:`Put` and :class:`Get` stand for the GLOBAL,
+REDUCE, NEWOBJ, BUILD, BINPERSID and memo opcodes, so a test can name any global (real or not)
+without that global existing or being importable here.
 """
 
 from __future__ import annotations
@@ -48,6 +48,28 @@ class Pid:
 
 
 @dataclass(frozen=True)
+class Put:
+    """``obj``, then LONG_BINPUT: memoized at ``index``."""
+
+    obj: Any
+    index: int
+
+
+@dataclass(frozen=True)
+class Get:
+    """LONG_BINGET: the object memoized at ``index`` (shared, as pickle shares)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Seq:
+    """Each part in turn, left on the stack (``Raw`` opcodes in between act on them)."""
+
+    parts: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
 class Raw:
     """Opcodes inserted as they are."""
 
@@ -69,6 +91,14 @@ def _emit(out: bytearray, o: Any) -> None:
         _emit(out, o.fn)
         _emit(out, tuple(o.args))
         out += b"R"
+    elif isinstance(o, Seq):
+        for part in o.parts:
+            _emit(out, part)
+    elif isinstance(o, Put):
+        _emit(out, o.obj)
+        out += b"r" + struct.pack("<I", o.index)
+    elif isinstance(o, Get):
+        out += b"j" + struct.pack("<I", o.index)
     elif isinstance(o, New):
         _emit(out, o.cls)
         _emit(out, tuple(o.args))

@@ -231,6 +231,12 @@ def test_inspect_and_convert_without_ultralytics(tmp_path: Path) -> None:
     assert data["module_tree"]["executed"] is False
     assert data["module_tree"]["class_names"] == COCO
     assert data["module_tree"]["classes"]["ultralytics.nn.modules.head.Detect"] == 1
+    detect = data["module_tree"]["root"]["children"]["model"]["children"]["22"]
+    assert detect["class"] == "ultralytics.nn.modules.head.Detect"
+    assert detect["children"]["cv3"] == {
+        "class": "torch.nn.modules.container.ModuleList",
+        "num_children": 3,
+    }
     assert data["heads"] == [
         {"key": "model.22.cv3.0.2.weight", "rows": 80, "num_classes": 80,
          "kind": "ultralytics Detect class branch"},
@@ -262,3 +268,35 @@ def test_cli_diff_builds_the_yolo_model_from_its_config(
         (f"model.23.cv3.{i}.2", [7, None, 2]) for i in range(3)
     ]
     assert main(["diff", str(best), "--model", "yolo:yolo11n-cls.yaml", "--json"]) == 5
+
+
+def test_the_yolo_wrapper_has_the_same_heads(tmp_path: Path) -> None:
+    from ultralytics import YOLO
+
+    source = build("yolov8n.yaml", 20, seed=1)
+    _, best = save_like_trainer(source, [f"class{i}" for i in range(20)], tmp_path)
+    saved = checkpoint_weights(source)
+    wrapper = YOLO("yolov8n.yaml")
+    wrapper.model = build("yolov8n.yaml", 3, seed=2)  # keys: model.model.*
+
+    report = smartload.load(wrapper, best, target_classes=["class4", "class0", "class9"])
+
+    assert [h.name for h in report.heads] == [f"model.model.22.cv3.{i}.2" for i in range(3)]
+    assert report.summary["copy"] == 349 and report.summary["slice"] == 6
+    weight = wrapper.model.model[22].cv3[1][2].weight
+    assert torch.equal(weight, saved["model.22.cv3.1.2.weight"][[4, 0, 9]])
+
+
+def test_a_policy_keeps_its_key_when_the_branch_is_kept_initialised(tmp_path: Path) -> None:
+    source = build("yolov8n.yaml", 80, seed=1)
+    _, best = save_like_trainer(source, COCO, tmp_path)
+    target = build("yolov8n.yaml", 3, seed=2)
+
+    report = smartload.load(target, best, policies={"model.22.cv3.0.2.bias": "reinit-normal"})
+
+    actions = {e.key: (e.action, e.reason) for e in report.entries}
+    assert actions["model.22.cv3.0.2.bias"] == ("reinit-normal", "policy 'model.22.cv3.0.2.bias'")
+    assert actions["model.22.cv3.1.2.bias"] == (
+        "skip",
+        "class branch resized with the class count (c3 = max(ch0, min(nc, 100)) = 64): kept as initialised",
+    )

@@ -139,6 +139,12 @@ def test_weights_come_out_exactly_without_the_models_code(
         "imported and nothing in the file was executed"
     )
     assert "sl_zoo_saving.Block" in report.inert_globals
+    if layout != "torch.save(model)":  # same-shape copies with an exact cast: a row per module
+        rows = re.findall(r"\n  copy +blocks\.\* +(.*)", str(report))
+        assert rows == [
+            "2 tensor(s), same shape",
+            "12 tensor(s), same shape, cast float16 → float32 (exact)",
+        ]
 
 
 def test_class_names_come_from_the_pickled_model(
@@ -248,3 +254,17 @@ def test_convert_writes_the_extracted_weights_as_safetensors(
     assert sorted(written) == sorted(expected)
     for key, value in expected.items():
         assert torch.equal(written[key], value), key
+
+
+def test_module_records_outside_the_weights_stay_inert(tmp_path: Path) -> None:
+    """A module-like record where no weights are looked for is described, never refused."""
+    from pickle_asm import Build, Global, New, assemble, tensor, torch_zip
+
+    odd = Build(New(Global("zoo", "Net")), (None, {"_parameters": {}}))  # tuple state
+    data = assemble({"weights": {"w": tensor("0", 4, (2, 2), (2, 1))}, "optimizer": odd})
+    path = torch_zip(tmp_path / "odd.pt", data, {"0": b"\x00" * 16})
+
+    info = smartload.inspect(path)
+
+    assert (info.state_dict_path, info.module_tree) == (("weights",), None)
+    assert info.extras == {"optimizer": "zoo.Net module object [inert, not executed]"}

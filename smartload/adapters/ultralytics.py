@@ -68,23 +68,43 @@ class UltralyticsAdapter(Adapter):
         model_shape: tuple[int, ...],
     ) -> str | None:
         found = _head(model)
-        if (
-            found is None
-            or re.match(rf"{re.escape(found[0])}\.({'|'.join(_BRANCHES)})\.", key) is None
+        if found is None:
+            return None
+        prefix, head = found
+        branches = "|".join(_BRANCHES)
+        match = re.match(rf"{re.escape(prefix)}\.({branches})\.(\d+)\.", key)
+        if match is None or not hasattr(head, "cv3"):
+            return None
+        branch = getattr(head, match.group(1))
+        if int(match.group(2)) >= len(branch):
+            return None
+        # only sizes that follow the class count may differ: the hidden width c3 and nc itself
+        c3 = int(branch[int(match.group(2))][-1].in_channels)
+        follows = {c3, int(head.nc)}
+        if len(ckpt_shape) != len(model_shape) or any(
+            m not in follows for c, m in zip(ckpt_shape, model_shape, strict=True) if c != m
         ):
             return None
-        return "class branch resized with the class count (c3 = max(ch0, min(nc, 100))): kept as initialised"
+        return (
+            f"class branch resized with the class count (c3 = max(ch0, min(nc, 100)) = {c3}): "
+            "kept as initialised"
+        )
 
 
 def _head(model: torch.nn.Module) -> tuple[str, Any] | None:
-    """(key prefix, module) of the model's last layer when it is a class-count head."""
-    layers: Any = getattr(model, "model", None)
-    try:
-        head = layers[-1]
-    except (TypeError, IndexError, KeyError):
+    """(key prefix, module) of the model's last layer when it is a class-count head; through
+    the ``YOLO(...)`` wrapper too (its keys start ``model.model.``)."""
+    from torch import nn
+
+    prefix, layers = "model", getattr(model, "model", None)
+    inner = getattr(layers, "model", None)
+    if isinstance(inner, nn.Sequential):  # YOLO(...) wraps its DetectionModel
+        prefix, layers = "model.model", inner
+    if not isinstance(layers, nn.Sequential) or not len(layers):
         return None
+    head = layers[-1]
     if (hasattr(head, "nc") and hasattr(head, "cv3")) or hasattr(head, "linear"):
-        return f"model.{len(layers) - 1}", head
+        return f"{prefix}.{len(layers) - 1}", head
     return None
 
 
