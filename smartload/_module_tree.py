@@ -25,7 +25,6 @@ from ._records import StandIn, TensorRecord, brief
 
 __all__ = ["Budget", "ModuleTree", "ModuleTreeError", "extract", "is_module"]
 
-_SLOTS = ("_parameters", "_buffers", "_modules")
 _MAX_DEPTH = 200  # nn.Module.state_dict recurses in Python: real models are far shallower
 MAX_ENTRIES = 1_000_000  # per file: slot entries checked plus keys written (repeats included)
 _MAX_KEY_CHARS = 100_000_000  # all keys together: sharing must not multiply them without bound
