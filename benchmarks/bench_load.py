@@ -132,7 +132,8 @@ def smartload_inspect(model: Any, path: str, case: str) -> None:
 
 
 LOADERS: dict[str, tuple[str, str, Callable[[Any, str, str], None]]] = {
-    # name: (file format, kind, function)
+    # name: (file format, kind, function). A name is shown stripped: the same loader on the
+    # other format is told apart by a trailing space, the table's format column says which.
     "torch.load(mmap) + load_state_dict": ("pth", "plain", torch_mmap),
     "torch.load + load_state_dict": ("pth", "plain", torch_full),
     "fvcore Checkpointer.load": ("pth", "plain", fvcore_checkpointer),

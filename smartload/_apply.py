@@ -149,10 +149,9 @@ _FLOAT_KINDS = {
     **dict.fromkeys(("float64", "float32", "float16", "bfloat16"), "real"),
     **dict.fromkeys(("complex64", "complex128"), "complex"),
     **dict.fromkeys(
-        ("complex32", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"),
+        "complex32 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz float8_e8m0fnu".split(),
         "upcast",
     ),
-    "float8_e8m0fnu": "upcast",
 }
 
 

@@ -200,8 +200,11 @@ class _Member(NamedTuple):
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record, 22 bytes
 _EOCD64_LOCATOR = struct.Struct("<4sLQL")  # 20 bytes, just before the end record
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")  # 56 bytes
-_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")  # central directory entry, 46 bytes + name ...
-_LOCAL = struct.Struct("<4s5H3L2H")  # local header, 30 bytes + name + extra
+# central directory entry (46 bytes + name ...): signature, flags, method, crc, compressed and
+# uncompressed sizes, name/extra/comment lengths, local header offset; "x": fields not read
+_CENTRAL = struct.Struct("<4s4x2H4x3L3H8xL")
+# local header (30 bytes + name + extra): signature, method, name and extra lengths
+_LOCAL = struct.Struct("<4s4xH16x2H")
 _ZIP64_MARK = 0xFFFFFFFF
 
 
@@ -243,27 +246,7 @@ def _zip_members(path: str, mm: mmap.mmap) -> dict[str, _Member]:
     for _ in range(count):
         if pos + _CENTRAL.size > cd_end:
             raise corrupt("the central directory is truncated")
-        (
-            sig,
-            _,
-            _,
-            _,
-            _,
-            flags,
-            method,
-            _,
-            _,
-            crc,
-            csize,
-            usize,
-            nlen,
-            xlen,
-            clen,
-            _,
-            _,
-            _,
-            offset,
-        ) = unpack(mm, pos)
+        sig, flags, method, crc, csize, usize, nlen, xlen, clen, offset = unpack(mm, pos)
         if sig != b"PK\x01\x02":
             raise corrupt(f"bad central directory entry at byte {pos}")
         raw = mm[pos + 46 : pos + 46 + nlen]
@@ -337,7 +320,7 @@ def _data_offset(path: str, mm: mmap.mmap, member: _Member) -> int:
     start = member.header_offset
     if start + _LOCAL.size > len(mm):
         raise CheckpointFormatError(path, f"zip member {member.name!r}: bad local header")
-    sig, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(mm, start)
+    sig, method, name_len, extra_len = _LOCAL.unpack_from(mm, start)
     if sig != b"PK\x03\x04":
         raise CheckpointFormatError(path, f"zip member {member.name!r}: bad local header")
     name = mm[start + 30 : start + 30 + name_len]

@@ -12,17 +12,9 @@ from typing import Any
 
 from ._formats import read
 from ._module_tree import ModuleTree
-from ._normalize import (
-    Found,
-    choose_state_dict,
-    describe_extras,
-    find_state_dicts,
-    leaf_dtype,
-    leaf_shape,
-)
+from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape
 from ._records import DTYPE_ITEMSIZE, TensorRecord
 from ._unpickler import inert_globals
-from .errors import InvalidArgumentError
 
 __all__ = ["CheckpointInfo", "TensorInfo", "inspect"]
 
@@ -137,22 +129,14 @@ def inspect(
     hostile file and :class:`CheckpointFormatError` for one that cannot be read.
     """
     raw = read(path, symbolic=True)
-    try:
-        choice = choose_state_dict(
-            raw.path,
-            raw.tree,
-            ema=ema,
-            state_dict_path=tuple(state_dict_path) if state_dict_path is not None else None,
-        )
-        sd_path, leaves, others, module = choice.path, choice.tensors, choice.others, choice.module
-    except InvalidArgumentError:
-        if ema or state_dict_path is not None:
-            raise
-        # EMA-only files: still describe them
-        found = [f for f in find_state_dicts(raw.tree, raw.path) if f.refused is None]
-        first = found[0] if found else Found((), {})
-        sd_path, leaves, module = first.path, first.tensors, first.module
-        others = tuple(f.path for f in found[1:])
+    choice = choose_state_dict(
+        raw.path,
+        raw.tree,
+        ema=ema,
+        state_dict_path=tuple(state_dict_path) if state_dict_path is not None else None,
+        describing=not ema and state_dict_path is None,
+    )
+    sd_path, leaves, others, module = choice.path, choice.tensors, choice.others, choice.module
     tensors = {
         key: TensorInfo(
             leaf_shape(leaf),

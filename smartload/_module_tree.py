@@ -19,16 +19,17 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
-from ._records import StandIn, TensorRecord, brief
+from ._records import StandIn, TensorRecord, brief, describe, is_module
 
-__all__ = ["Budget", "ModuleTree", "ModuleTreeError", "extract", "is_module"]
+__all__ = ["Budget", "ModuleTree", "ModuleTreeError", "extract"]
 
 _MAX_DEPTH = 200  # nn.Module.state_dict recurses in Python: real models are far shallower
 MAX_ENTRIES = 1_000_000  # per file: slot entries checked plus keys written (repeats included)
 _MAX_KEY_CHARS = 100_000_000  # all keys together: sharing must not multiply them without bound
 _SETS = ("builtins.set", "builtins.frozenset")
+_ONLY_TENSORS = "not a tensor; smartload builds only tensors inside a module tree"
 
 
 class ModuleTreeError(Exception):
@@ -105,19 +106,6 @@ class ModuleTree:
 
 def _short(qualname: str) -> str:
     return qualname.rpartition(".")[2]
-
-
-def is_module(obj: Any) -> bool:
-    """A stand-in that claims to be a pickled ``nn.Module``: its recorded state is a ``__dict__``
-    with ``_parameters`` (or a tuple holding one, which :func:`extract` refuses)."""
-    if not isinstance(obj, StandIn):
-        return False
-    state = obj.state
-    if isinstance(state, dict):
-        return "_parameters" in state
-    return isinstance(state, tuple) and any(
-        isinstance(s, dict) and "_parameters" in s for s in state
-    )
 
 
 class Budget:
@@ -216,7 +204,8 @@ def _check(module: StandIn, prefix: str, budget: Budget) -> _Checked:
             if value is None or (slot == "_buffers" and name in skip):
                 continue
             if not isinstance(value, TensorRecord):
-                _refuse_value(prefix + name, slot, value)
+                kind = "parameter" if slot == "_parameters" else "buffer"
+                _refuse(f"the {kind} {prefix + name!r}", value, _ONLY_TENSORS)
             tensors.append((name, value))
     children = []
     modules = _slot(state, "_modules", prefix)
@@ -225,7 +214,9 @@ def _check(module: StandIn, prefix: str, budget: Budget) -> _Checked:
         if child is None:
             continue
         if not is_module(child):
-            _refuse_child(prefix + name, child)
+            _refuse(
+                f"the submodule {prefix + name!r}", child, "not a module restored from its state"
+            )
         children.append((name, child))
     return _Checked(None, tensors, children)
 
@@ -297,36 +288,22 @@ def _names_set(value: Any, prefix: str) -> frozenset[str]:
     ):
         names = value.args[0] if value.args else ()
     else:
-        raise ModuleTreeError(
-            f"{_where(prefix)}: _non_persistent_buffers_set is {brief(value)}, not a set of names",
-            getattr(value, "qualname", None),
-        )
+        _refuse(f"{_where(prefix)}: _non_persistent_buffers_set", value, "not a set of names")
     if not all(isinstance(n, str) for n in names):
         raise ModuleTreeError(f"{_where(prefix)}: _non_persistent_buffers_set holds a non-name")
     return frozenset(names)
 
 
-def _refuse_value(key: str, slot: str, value: Any) -> None:
-    kind = "parameter" if slot == "_parameters" else "buffer"
+def _refuse(what: str, value: Any, expected: str) -> NoReturn:
+    """``what`` holds ``value`` where torch would have written ``expected``. A call is named as
+    the global it would run: torch.save never writes one inside a module tree."""
     if isinstance(value, StandIn):
         how = "made by calling" if value.called else "an object of"
         raise ModuleTreeError(
-            f"the {kind} {key!r} is {how} {value.qualname}, not a tensor; smartload builds only "
-            "tensors inside a module tree",
-            value.qualname,
+            f"{what} is {how} {value.qualname}, {expected}",
+            value.qualname if value.called else None,
         )
-    raise ModuleTreeError(f"the {kind} {key!r} is {brief(value)}, not a tensor")
-
-
-def _refuse_child(where: str, child: Any) -> None:
-    if isinstance(child, StandIn):
-        how = "made by calling" if child.called else "an object of"
-        raise ModuleTreeError(
-            f"the submodule {where!r} is {how} {child.qualname} without a module's state; "
-            "smartload restores modules only from their pickled state",
-            child.qualname,
-        )
-    raise ModuleTreeError(f"the submodule {where!r} is {brief(child)}, not a module")
+    raise ModuleTreeError(f"{what} is {brief(value)}, {expected}")
 
 
 # torch's own bookkeeping in every module's __dict__: not worth showing
@@ -338,24 +315,10 @@ def _attributes(state: Mapping[str, Any]) -> dict[str, str]:
     for key, value in state.items():
         if key.startswith("_") or key in _INTERNAL:
             continue
-        out[key] = _describe(value)
+        out[key] = describe(value)
         if len(out) == 30:
             break
     return out
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, TensorRecord):
-        return f"tensor {list(value.shape)} {value.dtype}"
-    if isinstance(value, StandIn):
-        return f"{value.qualname} [inert, not executed]"
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
-    if isinstance(value, bool | float) or value is None:
-        return repr(value)
-    if isinstance(value, int):
-        return brief(value)
-    return brief(value).removeprefix("a ")
 
 
 def _class_names(value: Any) -> tuple[str, ...] | None:

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
-from ._module_tree import Budget, ModuleTree, ModuleTreeError, extract, is_module
-from ._records import ArrayRecord, StandIn, TensorRecord, brief
+from ._module_tree import Budget, ModuleTree, ModuleTreeError, extract
+from ._records import ArrayRecord, StandIn, TensorRecord, brief, describe, is_leaf, is_module
 from .errors import CheckpointFormatError, InvalidArgumentError, UnsafeCheckpointError
 
 __all__ = [
@@ -32,18 +32,6 @@ _NOT_WEIGHTS = frozenset(
     lr_schedulers scheduler schedulers scaler grad_scaler amp loops callbacks""".split()
 )
 _MAX_DEPTH = 4
-
-
-def is_leaf(value: Any) -> bool:
-    """A tensor-like value: a record of ours, a torch tensor or a numpy array."""
-    if isinstance(value, TensorRecord | ArrayRecord):
-        return True
-    return (
-        type(value).__module__.split(".", 1)[0] in ("torch", "numpy")
-        and hasattr(value, "shape")
-        and hasattr(value, "dtype")
-        and not isinstance(value, type)
-    )
 
 
 def leaf_shape(value: Any) -> tuple[int, ...]:
@@ -130,9 +118,15 @@ def _tree_error(exc: ModuleTreeError, where: str, path: tuple[str, ...]) -> Exce
 
 
 def choose_state_dict(
-    path: str, tree: Any, *, ema: bool = False, state_dict_path: Sequence[str] | None = None
+    path: str,
+    tree: Any,
+    *,
+    ema: bool = False,
+    state_dict_path: Sequence[str] | None = None,
+    describing: bool = False,
 ) -> StateDictChoice:
-    """Pick the model weights: the largest non-EMA state dict, or the largest EMA one if ``ema``."""
+    """Pick the model weights: the largest non-EMA state dict, or the largest EMA one if ``ema``.
+    ``describing`` (``inspect``): a file holding only EMA weights gives those, not an error."""
     if is_leaf(tree):
         raise CheckpointFormatError(
             path, "the file holds a single tensor, not a state dict", "Save model.state_dict()"
@@ -156,6 +150,8 @@ def choose_state_dict(
             )
     else:
         chosen = [f for f in found if _is_ema(f.path) == ema]
+        if not chosen and describing:  # inspect describes EMA-only files all the same
+            chosen = found
         if not chosen:
             paths = ", ".join(_show_path(f.path) for f in found)
             if ema:
@@ -202,43 +198,8 @@ def describe_extras(tree: Any, skip: Iterable[tuple[str, ...]]) -> dict[str, str
         name = key if isinstance(key, str) else brief(key)
         if (name,) in skipped or is_leaf(value):
             continue
-        out[name] = _describe_value(value)
+        out[name] = describe(value)
     return out
-
-
-def _describe_value(value: Any) -> str:
-    if isinstance(value, StandIn):
-        kind = " module object" if is_module(value) else ""
-        return f"{value.qualname}{kind} [inert, not executed]"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return brief(value)
-    if isinstance(value, bool | float) or value is None:
-        return repr(value)
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
-    if isinstance(value, bytes):
-        return f"{len(value)} bytes"
-    if isinstance(value, Mapping):
-        tensors = _count_leaves(value)
-        suffix = f", {tensors} tensors" if tensors else ""
-        return f"dict with {len(value)} entries{suffix}"
-    if isinstance(value, list | tuple):
-        return f"{type(value).__name__} of {len(value)}"
-    return type(value).__name__
-
-
-def _count_leaves(node: Any) -> int:
-    """Tensors reachable from ``node``, each container visited once (pickles share and loop)."""
-    count, todo = 0, [node]
-    seen: set[int] = set()
-    while todo and len(seen) < 1_000_000:
-        item = todo.pop()
-        if is_leaf(item):
-            count += 1
-        elif id(item) not in seen and isinstance(item, Mapping | list | tuple):
-            seen.add(id(item))
-            todo.extend(item.values() if isinstance(item, Mapping) else item)
-    return count
 
 
 def compile_renames(rename: Any) -> list[tuple[re.Pattern[str], str]]:

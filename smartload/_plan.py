@@ -248,7 +248,6 @@ def make_plan(
 
     entries: list[PlanEntry] = []
     abandoned: dict[str, str] = {}  # head → why one of its keys keeps the model's values
-    by_policy: set[str] = set()
     mismatches: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = []
     for key, param in model_sd.items():
         source = feeds.get(key)
@@ -267,11 +266,9 @@ def make_plan(
             rule = HeadRule(name=key.rpartition(".")[0], keys=(key,))
         entry = _decide(ctx, key, param, model_shape, source, leaf, ckpt_shape, policy, rule)
         if entry is None and policy is None and ckpt_shape is not None:
-            entry = _keep_initialised(ctx, key, param, source, ckpt_shape, leaf)
+            entry = _keep_initialised(ctx, key, param, model_shape, source, ckpt_shape, leaf)
             if entry is not None and rule is not None:
                 abandoned[rule.name] = entry.reason
-        if policy is not None:
-            by_policy.add(key)
         if entry is not None and source is not None and source in originals:
             entry = _replace(entry, source=originals[source])
         if entry is None:
@@ -281,7 +278,7 @@ def make_plan(
     if mismatches:
         raise IncompatibleCheckpointError(mismatches, _mismatch_hint(num_classes), ckpt.path)
     if abandoned:
-        entries = _abandon_heads(ctx, entries, abandoned, by_policy)
+        entries = _abandon_heads(ctx, entries, abandoned, compiled)
     return LoadPlan(
         checkpoint=ckpt.path,
         format=ckpt.format,
@@ -397,19 +394,19 @@ def _decide(
         "model_shape": model_shape,
         "ckpt_dtype": ckpt_dtype,
         "model_dtype": model_dtype,
-        "cast": cast_kind(ckpt_dtype, model_dtype) if ckpt_dtype else None,
         "head": rule.name if rule else None,
         "std": std,
         "fill": fill,
     }
-    unread = {**base, "cast": None}  # for entries that take no value from the checkpoint
+    # only entries that read the checkpoint (copy, slice) have a cast
+    cast = cast_kind(ckpt_dtype, model_dtype) if ckpt_dtype else None
     action = policy[1] if policy else None
     by_policy = f"policy {policy[0]!r}" if policy else ""
 
     if action == "skip" or (action is None and leaf is None):
-        return PlanEntry(action="skip", reason=by_policy or "missing", **unread)
+        return PlanEntry(action="skip", reason=by_policy or "missing", **base)
     if action == "reinit-normal":
-        return PlanEntry(action="reinit-normal", reason=by_policy, **unread)
+        return PlanEntry(action="reinit-normal", reason=by_policy, **base)
     if leaf is None:  # copy/slice asked for a key the checkpoint lacks
         return None
     assert ckpt_shape is not None
@@ -418,7 +415,9 @@ def _decide(
     head_change = rule is not None and (not same or (follows_map and ctx.class_map is not None))
     if action == "copy" or (action is None and not head_change):
         if same:
-            return PlanEntry(action="copy", reason=by_policy or "same shape", reused=numel, **base)
+            return PlanEntry(
+                action="copy", reason=by_policy or "same shape", reused=numel, cast=cast, **base
+            )
         conversion = ctx.adapter.convert(ctx.model, key, ckpt_shape, model_shape)
         if conversion is None:
             return None
@@ -428,6 +427,7 @@ def _decide(
             reason=conversion.reason,
             reused=numel,
             transform=conversion.reason,
+            cast=cast,
             **base,
         )
     # slice or reinit of a head (or an explicit slice policy)
@@ -453,10 +453,7 @@ def _decide(
     if action is None and class_map is None and old_k != new_k:
         _record_head(ctx, rule, key, old_k, new_k, None)
         return PlanEntry(
-            action="reinit-normal",
-            reason=f"{description}, no class map",
-            dim=dim,
-            **{**base, "cast": None},
+            action="reinit-normal", reason=f"{description}, no class map", dim=dim, **base
         )
     mapping = resolve_class_map(
         class_map, new_k, old_k, source_classes=ctx.source_classes, head=rule.name
@@ -471,6 +468,7 @@ def _decide(
         reused=numel // model_shape[dim] * kept if model_shape[dim] else 0,
         rows=tuple(rows),
         dim=dim,
+        cast=cast,
         **base,
     )
 
@@ -479,17 +477,15 @@ def _keep_initialised(
     ctx: _Context,
     key: str,
     param: torch.Tensor,
+    model_shape: tuple[int, ...],
     source: str | None,
     ckpt_shape: tuple[int, ...],
     leaf: Any,
 ) -> PlanEntry | None:
     """A key no rule places that the adapter says keeps the model's own values (or None)."""
-    model_shape = tuple(param.shape)
     reason = ctx.adapter.keep_initialised(ctx.model, key, ckpt_shape, model_shape)
     if reason is None:
         return None
-    ckpt_dtype = leaf_dtype(leaf)
-    model_dtype = _dtype_name(param.dtype)
     return PlanEntry(
         key,
         "skip",
@@ -497,23 +493,25 @@ def _keep_initialised(
         ckpt_shape,
         model_shape,
         reason,
-        ckpt_dtype,
-        model_dtype,
-        None,  # nothing is read: no cast
+        leaf_dtype(leaf),
+        _dtype_name(param.dtype),
     )
 
 
 def _abandon_heads(
-    ctx: _Context, entries: list[PlanEntry], abandoned: Mapping[str, str], by_policy: set[str]
+    ctx: _Context,
+    entries: list[PlanEntry],
+    abandoned: Mapping[str, str],
+    policies: list[tuple[str, str]],
 ) -> list[PlanEntry]:
     """A head is placed as one: when one of its keys keeps the model's values (its weight's
-    inputs changed), so do the others (its bias), and no row comes from the checkpoint."""
+    inputs changed), so do the others (its bias), and no row comes from the checkpoint. Keys a
+    user policy names keep what the policy said."""
     out = []
     for e in entries:
-        if e.head is not None and e.head in abandoned and e.action != "skip":
-            if e.key not in by_policy:
-                reason = abandoned[e.head]
-                e = _replace(e, action="skip", reason=reason, reused=0, rows=None, cast=None)
+        reason = abandoned.get(e.head or "")
+        if reason and e.action != "skip" and _first_policy(policies, e.key) is None:
+            e = _replace(e, action="skip", reason=reason, reused=0, rows=None, cast=None)
         out.append(e)
     for name in abandoned:
         if name in ctx.heads:

@@ -7,6 +7,7 @@ only when a plan needs them (``_tensors.py``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,9 @@ __all__ = [
     "StorageRef",
     "TensorRecord",
     "brief",
+    "describe",
+    "is_leaf",
+    "is_module",
 ]
 
 MAX_NDIM = 64
@@ -175,3 +179,70 @@ class StandIn:
 
     def describe(self) -> str:
         return f"{self.qualname}(...) [not executed]"
+
+
+# --------------------------------------------------------------------------------------------------
+# what a value from the file is, in a few words
+
+
+def is_leaf(value: Any) -> bool:
+    """A tensor-like value: a record of ours, a torch tensor or a numpy array."""
+    if isinstance(value, TensorRecord | ArrayRecord):
+        return True
+    return (
+        type(value).__module__.split(".", 1)[0] in ("torch", "numpy")
+        and hasattr(value, "shape")
+        and hasattr(value, "dtype")
+        and not isinstance(value, type)
+    )
+
+
+def is_module(obj: Any) -> bool:
+    """A stand-in that claims to be a pickled ``nn.Module``: its recorded state is a ``__dict__``
+    with ``_parameters`` (or a tuple holding one, which ``_module_tree.extract`` refuses)."""
+    if not isinstance(obj, StandIn):
+        return False
+    state = obj.state
+    if isinstance(state, dict):
+        return "_parameters" in state
+    return isinstance(state, tuple) and any(
+        isinstance(s, dict) and "_parameters" in s for s in state
+    )
+
+
+def describe(value: Any) -> str:
+    """One line on a non-weight value (``epoch``, ``train_args``, a module's ``yaml`` ...)."""
+    if isinstance(value, TensorRecord):
+        return f"tensor {list(value.shape)} {value.dtype}"
+    if isinstance(value, StandIn):
+        kind = " module object" if is_module(value) else ""
+        return f"{value.qualname}{kind} [inert, not executed]"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return brief(value)
+    if isinstance(value, bool | float) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+    if isinstance(value, bytes):
+        return f"{len(value)} bytes"
+    if isinstance(value, Mapping):
+        tensors = _count_leaves(value)
+        suffix = f", {tensors} tensors" if tensors else ""
+        return f"dict with {len(value)} entries{suffix}"
+    if isinstance(value, list | tuple):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+def _count_leaves(node: Any) -> int:
+    """Tensors reachable from ``node``, each container visited once (pickles share and loop)."""
+    count, todo = 0, [node]
+    seen: set[int] = set()
+    while todo and len(seen) < 1_000_000:
+        item = todo.pop()
+        if is_leaf(item):
+            count += 1
+        elif id(item) not in seen and isinstance(item, Mapping | list | tuple):
+            seen.add(id(item))
+            todo.extend(item.values() if isinstance(item, Mapping) else item)
+    return count

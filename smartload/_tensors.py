@@ -34,7 +34,6 @@ class Materializer:
         self._sources = sources
         self._files: dict[str, torch.Tensor] = {}
         self._typed: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        self._sizes: dict[str, int] = {}  # bytes of each file
         self._verify_crc = verify_crc
         self._checked: set[str] = set()
 
@@ -56,7 +55,6 @@ class Materializer:
             storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
             data = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
             self._files[path] = data
-            self._sizes[path] = size
         return data
 
     def _typed_file(self, path: str, dtype: torch.dtype) -> torch.Tensor:
@@ -75,7 +73,7 @@ class Materializer:
         if self._verify_crc or source.offset % itemsize:
             return self._from_record_slowly(record, source, dtype)
         typed = self._typed_file(source.file, dtype)
-        if source.offset + source.nbytes > self._sizes[source.file]:
+        if source.offset + source.nbytes > len(self._files[source.file]):
             raise CheckpointFormatError(source.file, f"storage {record.storage.key!r} is truncated")
         return typed.as_strided(
             record.shape, record.stride, source.offset // itemsize + record.offset

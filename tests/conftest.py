@@ -40,11 +40,17 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def assert_same_tensors(
+    got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> None:
+    """The same keys, and every tensor equal in shape, dtype and value."""
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
 def assert_unchanged(model: nn.Module, before: Mapping[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for key, value in before.items():
-        assert torch.equal(after[key], value), key
+    assert_same_tensors(model.state_dict(), before)
 
 
 def write_zip(path: Path, members: Mapping[str, bytes]) -> Path:

@@ -20,7 +20,7 @@ os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="smartload-yolo
 
 import pytest
 import torch
-from conftest import snapshot
+from conftest import assert_same_tensors, snapshot
 from safetensors.torch import load_file
 from ultralytics import __version__ as ultralytics_version
 from ultralytics.cfg import get_cfg
@@ -172,8 +172,7 @@ def test_pose_model_same_classes_loads_exactly(tmp_path: Path) -> None:
     report = smartload.load(target, best)
 
     assert report.summary["copy"] == len(target.state_dict()) == 541
-    for key, value in checkpoint_weights(source).items():
-        assert torch.equal(target.state_dict()[key], value), key
+    assert_same_tensors(target.state_dict(), checkpoint_weights(source))
 
 
 def test_classifier_head_sliced_by_index(tmp_path: Path) -> None:
@@ -203,8 +202,7 @@ def test_training_checkpoint_holds_only_ema_weights(tmp_path: Path) -> None:
     assert report.state_dict_path == ("ema",) and report.summary["copy"] == 499
     momentum = len(list(source.parameters()))  # one buffer per parameter in the SGD state
     assert (momentum, report.extras["optimizer"]) == (256, "dict with 2 entries, 256 tensors")
-    for key, value in checkpoint_weights(source).items():
-        assert torch.equal(target.state_dict()[key], value), key
+    assert_same_tensors(target.state_dict(), checkpoint_weights(source))
 
 
 def test_inspect_and_convert_without_ultralytics(tmp_path: Path) -> None:
@@ -244,11 +242,8 @@ def test_inspect_and_convert_without_ultralytics(tmp_path: Path) -> None:
     assert {"train_args", "date", "version"} <= set(data["extras"])
     assert data["extras"]["version"] == repr(ultralytics_version)
     assert data["dtypes"] == {"float16": 298, "int64": 57}
-    written = load_file(out)
     expected = {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
-    assert sorted(written) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(written[key], value), key
+    assert_same_tensors(load_file(out), expected)
 
 
 def test_cli_diff_builds_the_yolo_model_from_its_config(

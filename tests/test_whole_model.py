@@ -18,7 +18,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import snapshot
+from conftest import assert_same_tensors, assert_unchanged, snapshot
 from torch import nn
 
 import smartload
@@ -130,8 +130,7 @@ def test_weights_come_out_exactly_without_the_models_code(
     got = target.state_dict()
     assert list(got) == list(expected)  # same keys, same order, shared module listed twice
     assert "blocks.0.cache" not in got and "shared.conv.weight" in got
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
+    assert_same_tensors(got, expected)
     assert report.summary["copy"] == len(expected) == 27
     assert report.state_dict_path == (() if layout == "torch.save(model)" else ("model",))
     assert report.notes[-1] == (
@@ -194,7 +193,7 @@ def test_inspect_shows_the_module_tree_marked_not_executed(
         "torch.nn.modules.linear.Linear": 2, "sl_zoo_saving.ZooNet": 1,
         "torch.nn.modules.container.Sequential": 1, "torch.nn.modules.container.ModuleList": 1,
     }  # fmt: skip
-    assert tree["attributes"] == {"names": "dict of 5", "note": "'built by the test zoo'"}
+    assert tree["attributes"] == {"names": "dict with 5 entries", "note": "'built by the test zoo'"}
     assert tree["class_names"] == ["class0", "class1", "class2", "class3", "class4"]
     assert (data["state_dict_path"], data["num_tensors"], data["extras"]) == (
         ["model"],
@@ -230,8 +229,7 @@ def test_ema_only_training_checkpoint_asks_for_ema(
         InvalidArgumentError, match=r"holds only EMA weights \(\['ema'\]\); pass ema=True"
     ):
         smartload.load(target, path)
-    for key, value in before.items():
-        assert torch.equal(target.state_dict()[key], value), key
+    assert_unchanged(target, before)
     report = smartload.load(target, path, ema=True)
     assert report.ema and report.state_dict_path == ("ema",)
     assert torch.equal(target.state_dict()["stem.weight"], source.stem.weight)
@@ -249,11 +247,7 @@ def test_convert_writes_the_extracted_weights_as_safetensors(
     _forget(saving, sentinel)
 
     assert main(["convert", str(path), str(out)]) == 0
-    written = load_file(out)
-    expected = source.state_dict()
-    assert sorted(written) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(written[key], value), key
+    assert_same_tensors(load_file(out), source.state_dict())
 
 
 def test_module_records_outside_the_weights_stay_inert(tmp_path: Path) -> None:

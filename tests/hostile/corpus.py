@@ -453,7 +453,7 @@ CASES: dict[str, Case] = {
     "module_cycle": broken(module_cycle, "the module at 'again' contains itself (a cycle)"),
     "module_non_persistent_set_call": Case(
         _module_zip("set_call.pt", _module("zoo.Net", {"w": _W}, _non_persistent_buffers_set=Call(Global("zoo", "names"), ()))),
-        UnsafeCheckpointError, "_non_persistent_buffers_set is a zoo.names, not a set of names", ["zoo.names"],
+        UnsafeCheckpointError, "_non_persistent_buffers_set is made by calling zoo.names, not a set of names", ["zoo.names"],
     ),
     # these load (or, for inspect, read) fine
     "whole_model_torch_save": Case(whole_model, None),
