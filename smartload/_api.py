@@ -76,6 +76,7 @@ def load(
     on_nonfinite: str = "error",
     verify_checksums: bool = False,
     allow_globals: Sequence[str] = (),
+    device: str | torch.device | None = None,
 ) -> LoadReport:
     """Load ``checkpoint`` into ``model``, key by key, and report what was done.
 
@@ -92,6 +93,9 @@ def load(
     - ``verify_checksums``: also check the zip CRC of every tensor read (the pickle's CRC is
       always checked; this costs a second pass over the data, about 0.4 s per GB).
     - ``allow_globals``: hostile-listed globals you accept outside the state dict (kept inert).
+    - ``device``: where a model built on the meta device gets its tensors (default cpu). Every
+      key then needs a value from the checkpoint or a ``reinit-normal`` policy; parameters keep
+      their type and ``requires_grad`` (``load_state_dict(assign=True)`` semantics).
 
     All or nothing: on any error the model is unchanged. With ``dry_run`` nothing is read beyond
     the structure and the model is not touched. ``report_path`` receives the JSON report.
@@ -120,6 +124,7 @@ def load(
                 on_nonfinite=on_nonfinite,
                 verify_checksums=verify_checksums,
                 targets=plan.targets,  # the model was walked once, for the plan
+                device=device,
             )
     report = LoadReport.from_plan(plan, dry_run=dry_run)
     if report_path is not None:

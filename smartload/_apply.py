@@ -8,11 +8,12 @@ from collections.abc import Mapping
 
 import torch
 
+from ._load_hooks import compute
 from ._plan import model_tensors
 from ._records import DTYPE_ITEMSIZE
 from ._report import LoadPlan, PlanEntry
 from ._tensors import Materializer
-from .errors import CheckpointFormatError, InvalidArgumentError
+from .errors import CheckpointFormatError, IncompatibleCheckpointError, InvalidArgumentError
 
 __all__ = ["apply_plan"]
 
@@ -28,13 +29,15 @@ def apply_plan(
     on_nonfinite: str = "error",
     verify_checksums: bool = False,
     targets: Mapping[str, torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
 ) -> None:
     """Load ``plan`` into ``model``. On any error the model is left exactly as it was.
 
     Phase 1 views every source tensor (memory-mapped), checks its shape and values and builds the
     new head rows; nothing in the model changes. Phase 2 copies under ``no_grad`` into the existing
     tensors (``copy_``), so parameter identity, dtype and device are kept. ``targets`` is the
-    model's state dict (``keep_vars=True``) when the caller already has it.
+    model's state dict (``keep_vars=True``) when the caller already has it. A model on the meta
+    device gets new tensors on ``device`` (default cpu); every one of its keys then needs a value.
     """
     if on_nonfinite not in NONFINITE_CHOICES:
         raise InvalidArgumentError(
@@ -42,10 +45,13 @@ def apply_plan(
         )
     if targets is None:
         targets = model_tensors(model)
+    on_meta = _check_meta(model, plan, targets)
     _log_size(plan)
     materializer = Materializer(plan.sources, verify_crc=verify_checksums)
     values: dict[str, torch.Tensor] = {}
     checked: dict[str, tuple[torch.Tensor, str]] = {}  # checkpoint key → (tensor read, dtype)
+    computed: dict[str, dict[str, torch.Tensor]] = {}  # pre-hooked subtree → values it made
+    buffers: dict[str, torch.Tensor] = {}  # checkpoint key → the model buffer it goes into
     for entry in plan.entries:
         if entry.action == "skip":
             continue
@@ -55,7 +61,10 @@ def apply_plan(
                 f"the model changed after the plan was made (key {entry.key!r}); plan again"
             )
         source = None
-        if entry.action in ("copy", "slice"):
+        if plan.hooked is not None and entry.key in plan.hooked.computed:
+            source = _computed(model, plan, entry.key, materializer, computed)
+            checked[entry.key] = (source, entry.ckpt_dtype or "")
+        elif entry.action in ("copy", "slice"):
             assert entry.source is not None
             source = materializer.tensor(plan.tensors[entry.source])
             if source.shape != entry.ckpt_shape:
@@ -63,7 +72,9 @@ def apply_plan(
                     plan.checkpoint, f"tensor {entry.source!r} changed shape"
                 )
             checked[entry.source] = (source, entry.ckpt_dtype or "")
-            if entry.transform is not None:
+            if not isinstance(target, torch.nn.Parameter):
+                buffers[entry.source] = target
+            if entry.key in plan.transforms:  # an adapter's conversion
                 source = plan.transforms[entry.key](source)
                 if source.shape != entry.model_shape:
                     raise InvalidArgumentError(
@@ -71,7 +82,7 @@ def apply_plan(
                         f"not {list(entry.model_shape)}; this is a bug in the {plan.adapter} adapter"
                     )
         values[entry.key] = _value(entry, source, target)
-    if on_nonfinite == "error" and (nonfinite := _nonfinite(checked)):
+    if on_nonfinite == "error" and (nonfinite := _nonfinite(checked, buffers)):
         raise CheckpointFormatError(
             plan.checkpoint,
             f"non-finite values in {len(nonfinite)} tensor(s): {', '.join(nonfinite[:10])}"
@@ -79,7 +90,86 @@ def apply_plan(
             "Nothing was loaded. The weights are broken (diverged training?); pass "
             "on_nonfinite='allow' to load them anyway, or policies={key: 'reinit-normal'}",
         )
-    _commit(model, targets, values)
+    if on_meta:
+        _materialise(model, targets, values, torch.device(device or "cpu"))
+    else:
+        _commit(model, targets, values)
+
+
+def _check_meta(
+    model: torch.nn.Module, plan: LoadPlan, targets: Mapping[str, torch.Tensor]
+) -> bool:
+    """Whether the model has tensors on the meta device (then every one needs a value)."""
+    meta = {id(t) for t in targets.values() if t.is_meta}
+    if not meta:
+        return False
+    given = {id(targets[e.key]) for e in plan.entries if e.action != "skip"}  # tied: one value
+    empty = [
+        (e.key, e.ckpt_shape, e.model_shape)
+        for e in plan.entries
+        if id(targets[e.key]) in meta and id(targets[e.key]) not in given
+    ]
+    empty += [
+        (name, None, tuple(b.shape))
+        for name, b in model.named_buffers()
+        if b.is_meta and name not in targets  # non-persistent: no checkpoint has them
+    ]
+    if empty:
+        raise IncompatibleCheckpointError(
+            empty,
+            "The model is on the meta device and nothing can give these keys a value (absent "
+            "from the checkpoint, or skipped). Nothing was loaded. Pass "
+            "policies={key: 'reinit-normal'} for the learned ones, or build the model with "
+            "model.to_empty(device=...) and initialise it before loading",
+            plan.checkpoint,
+        )
+    return True
+
+
+def _materialise(
+    model: torch.nn.Module,
+    targets: Mapping[str, torch.Tensor],
+    values: Mapping[str, torch.Tensor],
+    device: torch.device,
+) -> None:
+    """Give a model on the meta device new tensors (``load_state_dict(assign=True)`` semantics:
+    parameter type and ``requires_grad`` kept), in the model's dtypes, on ``device``. Tensors
+    shared under several names stay shared. Tensors not on meta are copied into as usual."""
+    made: dict[int, torch.Tensor] = {}
+    plain: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, value in values.items():
+            target = targets[key]
+            if not target.is_meta:
+                plain[key] = value
+                continue
+            new = made.get(id(target))
+            if new is None:
+                data = torch.empty(target.shape, dtype=target.dtype, device=device).copy_(value)
+                if isinstance(target, torch.nn.Parameter):
+                    data = torch.nn.Parameter(data, requires_grad=target.requires_grad)
+                new = made[id(target)] = data
+        for module in model.modules():
+            for slots in (module._parameters, module._buffers):
+                for leaf, tensor in slots.items():
+                    if tensor is not None and id(tensor) in made:
+                        slots[leaf] = made[id(tensor)]
+    _commit(model, targets, plain)
+
+
+def _computed(
+    model: torch.nn.Module,
+    plan: LoadPlan,
+    key: str,
+    materializer: Materializer,
+    done: dict[str, dict[str, torch.Tensor]],
+) -> torch.Tensor:
+    """The value a load pre-hook computes for ``key``, from the real tensors (once per subtree)."""
+    root = plan.hooked.computed[key].root
+    if root not in done:
+        read = materializer.tensor_of(plan.tensors)
+        done[root] = compute(model, root, plan.hooked.roots[root], read)
+    return done[root][key]
 
 
 def _log_size(plan: LoadPlan) -> None:
@@ -101,8 +191,12 @@ _BATCH_BELOW = 1 << 16  # elements: smaller tensors are checked together, one ca
 _CHUNK = 1 << 24  # elements upcast at a time for dtypes torch cannot reduce (float8)
 
 
-def _nonfinite(tensors: Mapping[str, tuple[torch.Tensor, str]]) -> list[str]:
-    """``"key (3 NaN, 1 Inf)"`` for each floating tensor holding NaN or Inf.
+def _nonfinite(
+    tensors: Mapping[str, tuple[torch.Tensor, str]], buffers: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """``"key (3 NaN, 1 Inf)"`` for each floating tensor holding NaN or Inf, except infinities by
+    design: a buffer (not a learned parameter) whose ±Inf stand where the model's own value is
+    non-finite too (clip bounds, masks), or whose model value is not known yet (meta device).
 
     One read per tensor and no allocation: a NaN or Inf makes a sum non-finite, and a finite sum
     proves every value finite (a non-finite one may be an overflow: those are counted exactly).
@@ -139,6 +233,8 @@ def _nonfinite(tensors: Mapping[str, tuple[torch.Tensor, str]]) -> list[str]:
             t = t.to(_upcast_dtype(t))
         nan = int(torch.isnan(t).sum())
         inf = int(torch.isinf(t).sum())
+        if not nan and key in buffers and _inf_by_design(t, buffers[key]):
+            continue
         if nan or inf:
             counts = [f"{nan} NaN"] * bool(nan) + [f"{inf} Inf"] * bool(inf)
             out.append(f"{key} ({', '.join(counts)})")
@@ -153,6 +249,16 @@ _FLOAT_KINDS = {
         "upcast",
     ),
 }
+
+
+def _inf_by_design(value: torch.Tensor, model_value: torch.Tensor) -> bool:
+    if model_value.is_meta:
+        return True
+    if value.shape != model_value.shape or not (
+        model_value.is_floating_point() or model_value.is_complex()
+    ):
+        return False
+    return not bool((torch.isinf(value) & torch.isfinite(model_value).to(value.device)).any())
 
 
 def _upcast_dtype(t: torch.Tensor) -> torch.dtype:
@@ -222,8 +328,9 @@ def _commit(
 
 
 def _custom_loaders(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Modules whose loading must go through their own ``_load_from_state_dict`` or hooks, and
-    those with extra state (a copy into what ``get_extra_state`` returned would be lost).
+    """Modules whose loading must go through their own ``_load_from_state_dict``, and those with
+    extra state (a copy into what ``get_extra_state`` returned would be lost). Load pre-hooks
+    are not run here: the plan already ran them (``_load_hooks``).
 
     BatchNorm's override only fills in ``num_batches_tracked`` for very old checkpoints, which a
     copy by name already handles (the key is then "missing" and keeps the model's value).
@@ -235,5 +342,4 @@ def _custom_loaders(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         for name, m in model.named_modules()
         if type(m)._load_from_state_dict not in (base._load_from_state_dict, norm)
         or type(m).set_extra_state is not base.set_extra_state
-        or m._load_state_dict_pre_hooks
     }

@@ -20,11 +20,13 @@ import torch
 
 from ._formats import RawCheckpoint, read
 from ._heads import HeadRule, class_map_by_names, resolve_class_map, source_rows
+from ._load_hooks import HookedKeys, translate
 from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape, match_keys
 from ._report import ACTIONS, HeadChange, LoadPlan, PlanEntry
+from ._tensors import Materializer
 from ._unpickler import inert_globals
-from .adapters import Adapter, select_adapter
+from .adapters import Adapter, Conversion, select_adapter
 from .errors import IncompatibleCheckpointError, InvalidArgumentError
 
 __all__ = ["make_plan", "model_tensors"]
@@ -56,6 +58,9 @@ def cast_kind(src: str, dst: str) -> str | None:
     if src == dst:
         return None
     return "exact" if dst in _EXACT_CASTS.get(src, ()) else "lossy"
+
+
+_SCALAR = Conversion("one element → 0-d (as load_state_dict)", lambda t: t.reshape(()))
 
 
 @dataclass(frozen=True)
@@ -238,9 +243,15 @@ def make_plan(
     if prepared is not None:
         tensors, originals = prepared
 
+    matched = match_keys(tensors, model_sd, rename)
+    hooked = translate(model, matched, tensors, Materializer(ckpt.sources).tensor_of(tensors))
     feeds: dict[str, str] = {}  # model key → checkpoint key
     unused: list[str] = []
-    for ckpt_key, model_key in match_keys(tensors, model_sd, rename).items():
+    for ckpt_key, model_key in matched.items():
+        if hooked is not None:
+            if ckpt_key in hooked.hooks and ckpt_key not in hooked.renamed:
+                continue  # taken by a pre-hook into a value it computed
+            model_key = hooked.renamed.get(ckpt_key, model_key)
         if model_key in model_sd and model_key not in feeds:
             feeds[model_key] = ckpt_key
         else:
@@ -252,6 +263,9 @@ def make_plan(
     for key, param in model_sd.items():
         source = feeds.get(key)
         leaf = tensors[source] if source is not None else None
+        made = hooked.computed.get(key) if hooked is not None else None
+        if made is not None:
+            source, leaf = (made.inputs[0] if made.inputs else None), made.value
         policy = _first_policy(compiled, key) if compiled else None
         rule = next((r for r in rules if r.matches(key)), None) if rules else None
         model_shape = tuple(param.shape)
@@ -269,6 +283,8 @@ def make_plan(
             entry = _keep_initialised(ctx, key, param, model_shape, source, ckpt_shape, leaf)
             if entry is not None and rule is not None:
                 abandoned[rule.name] = entry.reason
+        if entry is not None and hooked is not None:
+            entry = _hooked_entry(entry, hooked, made)
         if entry is not None and source is not None and source in originals:
             entry = _replace(entry, source=originals[source])
         if entry is None:
@@ -279,6 +295,15 @@ def make_plan(
         raise IncompatibleCheckpointError(mismatches, _mismatch_hint(num_classes), ckpt.path)
     if abandoned:
         entries = _abandon_heads(ctx, entries, abandoned, compiled)
+    notes.extend(_unused_class_map(ctx))
+    if on_meta := sum(t.is_meta for t in model_sd.values()):
+        notes.append(
+            f"{on_meta} model tensor(s) on the meta device: load() gives them new tensors "
+            "(device=..., default cpu)"
+        )
+    if hooked is not None and originals:  # apply reads by the names in the file
+        for names in hooked.roots.values():
+            names.update({k: originals.get(v, v) for k, v in names.items()})
     return LoadPlan(
         checkpoint=ckpt.path,
         format=ckpt.format,
@@ -296,7 +321,39 @@ def make_plan(
         sources=ckpt.sources,
         transforms=ctx.transforms,
         targets=model_sd,
+        hooked=hooked,
     )
+
+
+def _unused_class_map(ctx: _Context) -> list[str]:
+    """A class map that no head followed is said, never dropped without a word."""
+    if ctx.class_map is None or any(h.class_map is not None for h in ctx.heads.values()):
+        return []
+    changed = [h.name for h in ctx.heads.values()]
+    why = (
+        f"the heads that changed ({', '.join(changed)}) do not hold one row per class"
+        if changed
+        else f"no class head of this model was found by the {ctx.adapter.name} adapter"
+    )
+    return [f"class_map not used: {why}"]
+
+
+def _hooked_entry(entry: PlanEntry, hooked: HookedKeys, made: Any) -> PlanEntry:
+    """Say what a load pre-hook did to the key (renamed it, or computed its value)."""
+    if made is not None:
+        if entry.action != "copy":
+            return entry
+        inputs = ", ".join(made.inputs) or "the checkpoint"
+        return _replace(
+            entry, reason=f"computed by {made.hooks} from {inputs}", transform="load pre-hook"
+        )
+    if entry.source is not None and entry.source in hooked.renamed:
+        return _replace(
+            entry,
+            reason=f"{entry.reason}; renamed from {entry.source} by {hooked.hooks[entry.source]}",
+            transform="load pre-hook",
+        )
+    return entry
 
 
 def _hooks_note(hooked: Sequence[str]) -> str:
@@ -419,6 +476,8 @@ def _decide(
                 action="copy", reason=by_policy or "same shape", reused=numel, cast=cast, **base
             )
         conversion = ctx.adapter.convert(ctx.model, key, ckpt_shape, model_shape)
+        if conversion is None and ckpt_shape == (1,) and model_shape == ():
+            conversion = _SCALAR  # torch loads a one-element vector into a 0-d tensor
         if conversion is None:
             return None
         ctx.transforms[key] = conversion.fn
@@ -549,6 +608,8 @@ def _note_tied(model_sd: Mapping[str, torch.Tensor], entries: list[PlanEntry]) -
 
 
 def _storage_id(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+    if t.is_meta:  # no storage: every meta tensor's data pointer is 0
+        return (id(t), 0, tuple(t.shape))
     return (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
 
 

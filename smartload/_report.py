@@ -184,6 +184,7 @@ class LoadPlan(_Outcome):
     sources: Mapping[str, Any] = field(default_factory=dict, compare=False)
     transforms: Mapping[str, Any] = field(default_factory=dict, compare=False)  # key → callable
     targets: Mapping[str, Any] = field(default_factory=dict, compare=False)  # key → model tensor
+    hooked: Any = field(default=None, compare=False)  # what load pre-hooks do (_load_hooks)
 
     def _title(self) -> str:
         return "plan for"
@@ -238,7 +239,7 @@ def _table_rows(entries: Sequence[PlanEntry]) -> list[tuple[str, str, str]]:
     copies: dict[tuple[str, str], int] = {}  # (top-level module, cast) → tensors
     grouped: dict[tuple[str, str, str], list[str]] = {}
     for e in entries:
-        if e.action == "copy" and e.ckpt_shape == e.model_shape and e.cast != "lossy":
+        if e.action == "copy" and e.transform is None and e.cast != "lossy":
             top = e.key.split(".", 1)[0]
             cast = f", cast {e.ckpt_dtype} → {e.model_dtype} (exact)" if e.cast else ""
             copies[top, cast] = copies.get((top, cast), 0) + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,10 @@ class Materializer:
         if isinstance(leaf, np.ndarray):
             return torch.from_numpy(np.array(leaf, copy=True))
         raise TypeError(f"not a tensor: {type(leaf).__name__}")
+
+    def tensor_of(self, leaves: Mapping[str, Any]) -> Callable[[str], torch.Tensor]:
+        """A reader of the tensor of each key of ``leaves``."""
+        return lambda key: self.tensor(leaves[key])
 
     def _file_bytes(self, path: str) -> torch.Tensor:
         data = self._files.get(path)
