@@ -389,8 +389,10 @@ def _differs_in_dim0_only(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
 
 
 def _check_num_classes(model: torch.nn.Module, adapter: Adapter, num_classes: int) -> None:
-    if type(num_classes) is not int or num_classes < 1:
-        raise InvalidArgumentError(f"num_classes must be a positive int, not {num_classes!r}")
+    if type(num_classes) is not int or num_classes < 0:
+        raise InvalidArgumentError(
+            f"num_classes must be an int >= 0 (0: no classifier, as timm), not {num_classes!r}"
+        )
     actual = adapter.num_classes(model)
     if actual is not None and actual != num_classes:
         raise IncompatibleCheckpointError(

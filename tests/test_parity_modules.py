@@ -326,3 +326,15 @@ def test_divergence_is_still_refused(
     with pytest.raises(smartload.CheckpointFormatError, match=message):
         smartload.load(model, path)
     assert_unchanged(model, before)
+
+
+def test_num_classes_zero_is_timms_no_classifier(tmp_path: Path) -> None:
+    """``num_classes=0`` (timm's Identity head): the backbone loads, the classifier is unused."""
+    import timm
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    report = smartload.load(model, path, num_classes=0)
+    assert report.unused == ("fc.bias", "fc.weight")
+    assert report.summary["copy"] == len(model.state_dict())
