@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_same_tensors, assert_unchanged, snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import smartload
@@ -168,6 +170,32 @@ def test_same_tensors_as_load_state_dict(tmp_path: Path, case: str) -> None:
     assert_same_tensors(model.state_dict(), expected.state_dict())
     # FrozenBatchNorm2d's own loader drops the key torch would otherwise call unexpected
     assert report.unused == (("num_batches_tracked",) if case == "frozen batch norm" else ())
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cases=st.lists(st.sampled_from(sorted(PAIRS)), min_size=1, max_size=4))
+def test_compositions_load_as_load_state_dict(tmp_path: Path, cases: list[str]) -> None:
+    """Module kinds nested side by side (each hook sees only its slice) still load as torch."""
+    torch.manual_seed(0)
+    path = tmp_path / "composed.pth"
+    torch.save(nn.Sequential(*(PAIRS[c][0]() for c in cases)).state_dict(), path)
+
+    def make() -> nn.Module:
+        return nn.Sequential(*(PAIRS[c][1]() for c in cases))
+
+    expected = _torch_load(make, path)
+    torch.manual_seed(1)
+    model = make()
+    before = snapshot(model)
+    if isinstance(expected, Exception):
+        with pytest.raises(smartload.SmartloadError):
+            smartload.load(model, path)
+        assert_unchanged(model, before)
+    else:
+        smartload.load(model, path)
+        assert_same_tensors(model.state_dict(), expected.state_dict())
 
 
 def test_weight_norm_rename_is_reported(tmp_path: Path) -> None:
