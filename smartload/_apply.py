@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -151,10 +152,14 @@ def _materialise(
                 new = made[id(target)] = data
         for module in model.modules():
             for slots in (module._parameters, module._buffers):
-                for leaf, tensor in slots.items():
-                    if tensor is not None and id(tensor) in made:
-                        slots[leaf] = made[id(tensor)]
+                _replace_in(slots, made)
     _commit(model, targets, plain)
+
+
+def _replace_in(slots: dict[str, Any], made: Mapping[int, torch.Tensor]) -> None:
+    for name, tensor in slots.items():
+        if tensor is not None and id(tensor) in made:
+            slots[name] = made[id(tensor)]
 
 
 def _computed(

@@ -26,7 +26,9 @@ class HeadRule:
 
     Rows along ``dim`` are, for ``groups`` groups (anchors), ``block`` rows per class (4 for box
     deltas), plus a background class of ``block`` rows first or last (``background``): row
-    ``g*K*block + k*block + j``, shifted by ``block`` when the background comes first.
+    ``g*K*block + k*block + j``, shifted by ``block`` when the background comes first. With
+    ``background_per_group`` every group has its own background rows (torchvision's RetinaNet and
+    SSD: channel ``a*(K+1) + k``, class 0 the background).
     """
 
     name: str  # the head's module, for the report ("fc", "roi_heads.box_predictor.cls_score")
@@ -35,6 +37,7 @@ class HeadRule:
     block: int = 1
     groups: int = 1
     background: str = "none"  # "none" | "first" | "last"
+    background_per_group: bool = False
     std: float = 0.01  # weight init for new rows
     bias: float = 0.0  # bias init for new rows
     offset: int = 0  # leading checkpoint rows of no class (timm's label_offset), dropped
@@ -47,29 +50,40 @@ class HeadRule:
 
     def num_classes(self, rows: int, *, checkpoint: bool = False) -> int | None:
         """The class count a head with ``rows`` rows along ``dim`` has, or None if none fits."""
-        extra = (0 if self.background == "none" else self.block) + (
-            self.offset if checkpoint else 0
-        )
-        per_class = self.block * self.groups
-        k, rem = divmod(rows - extra, per_class)
+        fixed = self.background_rows * (self.groups if self.background_per_group else 1)
+        fixed += self.offset if checkpoint else 0
+        k, rem = divmod(rows - fixed, self.block * self.groups)
         return k if rem == 0 and k >= 0 else None
+
+    @property
+    def background_rows(self) -> int:
+        """Rows of one background class (0 without one)."""
+        return 0 if self.background == "none" else self.block
 
 
 def source_rows(
     rule: HeadRule, old_k: int, new_k: int, class_map: Sequence[int | None]
 ) -> list[int | None]:
     """For each row of the new head, the checkpoint row it takes (None: initialise it)."""
-    first = rule.block if rule.background == "first" else 0  # background rows before class 0
-    shift = first + rule.offset
-    rows: list[int | None] = list(range(rule.offset, shift))
+    each = rule.background_per_group
+    lead = rule.background_rows if rule.background == "first" else 0  # before class 0
+    trail = rule.background_rows - lead  # after the last class
+    group = old_k * rule.block + (lead + trail if each else 0)  # checkpoint rows per group
+    first = rule.offset + (0 if each else lead)  # where group 0 starts
+    rows: list[int | None] = list(range(rule.offset, first))  # a background shared by all groups
     for g in range(rule.groups):
+        start = first + g * group
+        classes = start + (lead if each else 0)
+        rows.extend(range(start, classes))  # this group's own background (first)
         for k in range(new_k):
             old = class_map[k]
-            for j in range(rule.block):
-                rows.append(None if old is None else shift + (g * old_k + old) * rule.block + j)
-    if rule.background == "last":
-        end = rule.offset + rule.groups * old_k * rule.block
-        rows.extend(range(end, end + rule.block))
+            rows.extend(
+                None if old is None else classes + old * rule.block + j for j in range(rule.block)
+            )
+        end = classes + old_k * rule.block
+        rows.extend(range(end, end + (trail if each else 0)))  # its own background (last)
+    end = first + rule.groups * group
+    rows.extend(range(end, end + (0 if each else trail)))  # a shared background (last)
     return rows
 
 

@@ -6,7 +6,7 @@ smartload refuses the file and names what it found.
 
 from __future__ import annotations
 
-__all__ = ["hostile_reason"]
+__all__ = ["hostile_reason", "is_plain_data"]
 
 # Judged on the module's top-level package, a prefix, or exact names.
 
@@ -36,17 +36,19 @@ _HOSTILE_EXACT = frozenset(
     numpy.fromregex numpy.frompyfunc numpy.vectorize numpy.piecewise numpy.apply_along_axis
     numpy.apply_over_axes collections.namedtuple""".split()
 )
+# Builtins that are plain data (the types of a pickle's own values, and Python 2's names for them)
 _BENIGN_BUILTINS = frozenset(
     """set frozenset list dict tuple str bytes bytearray int float complex bool slice range
     object Ellipsis NotImplemented unicode long basestring""".split()
 )
+_BUILTIN_MODULES = ("builtins", "__builtin__", "__builtins__")
 
 
 def hostile_reason(qualname: str) -> str | None:
     """Why ``module.name`` is on the hostile list, or None if it is not."""
     module, _, name = qualname.rpartition(".")
     top = module.split(".", 1)[0]
-    if top in ("builtins", "__builtin__", "__builtins__"):
+    if top in _BUILTIN_MODULES:
         return None if name in _BENIGN_BUILTINS else "builtin that can run code or touch files"
     if top in _HOSTILE_PACKAGES:
         return f"module {top!r} can run code or touch the system"
@@ -60,3 +62,10 @@ def hostile_reason(qualname: str) -> str | None:
     if any(module == p or module.startswith(p + ".") or qualname == p for p in _HOSTILE_PREFIXES):
         return "callable that can run code or load another pickle"
     return None
+
+
+def is_plain_data(qualname: str) -> bool:
+    """Whether ``module.name`` is a builtin data type (``builtins.dict``, ``__builtin__.set``):
+    data like the pickle's own values, not a class whose objects become inert stand-ins."""
+    module, _, name = qualname.rpartition(".")
+    return module in _BUILTIN_MODULES and name in _BENIGN_BUILTINS

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._formats import read
+from ._hostile import is_plain_data
 from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape
 from ._records import DTYPE_ITEMSIZE, TensorRecord
@@ -156,7 +157,7 @@ def inspect(
         other_state_dicts=others,
         extras=describe_extras(raw.tree, (sd_path, *others)),
         globals=tuple(raw.globals),
-        inert_globals=tuple(inert_globals(raw.globals)),
+        inert_globals=tuple(g for g in inert_globals(raw.globals) if not is_plain_data(g)),
         metadata=raw.metadata,
         heads=tuple(_guess_heads(tensors)),
         shared_storages=sum(1 for n in storages.values() if n > 1),
@@ -165,11 +166,14 @@ def inspect(
 
 
 def _guess_heads(tensors: Mapping[str, TensorInfo]) -> list[HeadGuess]:
+    """Keys named like class heads. A layer of one output is not one, whatever its name: it
+    regresses a value (or scores one logit), and "1 class" would invite a wrong class map."""
     out = []
     for key, info in tensors.items():
         for pattern, background, per_class, kind in _HEAD_PATTERNS:
             if re.search(pattern, key) and len(info.shape) >= 2:
                 rows = info.shape[0]
-                out.append(HeadGuess(key, rows, (rows - background) // per_class, kind))
+                if rows >= 2:
+                    out.append(HeadGuess(key, rows, (rows - background) // per_class, kind))
                 break
     return out

@@ -296,6 +296,10 @@ def make_plan(
     if abandoned:
         entries = _abandon_heads(ctx, entries, abandoned, compiled)
     notes.extend(_unused_class_map(ctx))
+    if num_classes is not None and not ctx.heads and chosen.num_classes(model) is None:
+        notes.append(
+            f"num_classes={num_classes} not checked: no class head of this model was found"
+        )
     if on_meta := sum(t.is_meta for t in model_sd.values()):
         notes.append(
             f"{on_meta} model tensor(s) on the meta device: load() gives them new tensors "
@@ -522,7 +526,11 @@ def _decide(
     rows = source_rows(rule, old_k, new_k, mapping)
     kept = sum(r is not None for r in rows)
     _record_head(ctx, rule, key, old_k, new_k, tuple(mapping))
-    how = by_policy or ("by class map" if class_map is not None else "by position")
+    how = (
+        f"by {by_policy}"
+        if by_policy
+        else ("by class map" if class_map is not None else "by position")
+    )
     return PlanEntry(
         action="slice",
         reason=f"{description}, {kept} of {len(rows)} rows kept {how}",

@@ -1,7 +1,8 @@
 """The ``smartload`` command line: a thin layer over the library; ``main(argv) -> exit code``.
 
-Exit codes: 0 ok; 2 usage error; 3 the file cannot be read (corrupt, truncated, unknown format);
-4 the file is hostile (nothing was run); 5 the checkpoint does not fit the model.
+Exit codes: 0 ok; 1 ``diff A B`` found a difference; 2 usage error; 3 the file cannot be read
+(corrupt, truncated, unknown format); 4 the file is hostile (nothing was run); 5 the checkpoint
+does not fit the model.
 
 ``inspect`` imports no torch (unless ``--scan``), so it answers in a fraction of a second.
 Output for people goes through rich (colours only on a terminal; ``NO_COLOR`` honoured); ``--json``
@@ -16,7 +17,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -35,11 +36,13 @@ from .errors import (
 if TYPE_CHECKING:
     import torch
 
+    from ._compare import CheckpointComparison
     from ._report import LoadPlan
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_USAGE, EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_INCOMPATIBLE = 0, 2, 3, 4, 5
+EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE = 0, 1, 2  # 1: diff A B found a difference
+EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_INCOMPATIBLE = 3, 4, 5
 _COLLAPSE_AT = 60
 _MODEL_KINDS = (
     "timm:NAME, torchvision:NAME, d2:CONFIG (model zoo), a detectron2 .yaml path, "
@@ -55,11 +58,12 @@ examples:
   smartload diff model_final.pth --model d2:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml \\
       --num-classes 3 --class-map person,car,dog --source-classes coco_2017_train
   smartload diff yolov8n.pt --model yolo:yolov8n.yaml --num-classes 3 --class-map person,car,dog
-  smartload diff a.pth b.safetensors                compare two checkpoints key by key
+  smartload diff a.pth b.safetensors                compare two checkpoints: keys, shapes, values
   smartload convert ckpt.pth model.safetensors      safe conversion (contiguous, metadata)
 
 exit codes: 0 ok, 2 usage, 3 unreadable file, 4 hostile file (nothing was run),
-            5 the checkpoint does not fit the model
+            5 the checkpoint does not fit the model;
+            diff A B: 0 identical (same keys, shapes, dtypes and values), 1 they differ
 """
 
 
@@ -91,7 +95,11 @@ def _parser() -> argparse.ArgumentParser:
 
     dif = command("diff", "what loading a checkpoint into a model would do (nothing is written)")
     dif.add_argument("path", help="checkpoint file or directory")
-    dif.add_argument("other", nargs="?", help="a second checkpoint to compare with")
+    dif.add_argument(
+        "other",
+        nargs="?",
+        help="a second checkpoint: compare keys, shapes, dtypes and values (exit 1 if any differ)",
+    )
     dif.add_argument(
         "--model",
         help=_MODEL_KINDS,
@@ -230,7 +238,7 @@ def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> No
         fact("strided", f"{len(info.non_contiguous)} non-contiguous tensor(s)")
     for key, value in info.metadata.items():
         fact("metadata", f"{key} = {value[:80]}")
-    out.print(facts)
+    _print_trimmed(out, facts)
     rows = _key_rows(info.tensors)
     hidden = len(rows) - 40 if len(rows) > _COLLAPSE_AT and not show_all else 0
     table = Table(box=None, padding=(0, 2), show_header=True, header_style="bold")
@@ -244,7 +252,18 @@ def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> No
         if hidden and 30 <= i < len(rows) - 10:
             continue
         _plain_row(table)(*row)
-    out.print(table)
+    _print_trimmed(out, table)
+
+
+def _print_trimmed(out: Console, renderable: RenderableType) -> None:
+    """Print line by line without the spaces rich pads table cells with to the column width."""
+    for line in out.render_lines(renderable, out.options, pad=False):
+        text = Text()
+        for segment in line:
+            if not segment.control:
+                text.append(segment.text, segment.style)
+        text.rstrip()
+        out.print(text)
 
 
 def _module_facts(fact: Callable[..., None], tree: ModuleTree) -> None:
@@ -453,40 +472,38 @@ def _render_plan(out: Console, plan: LoadPlan) -> None:
 
 
 def _compare(args: argparse.Namespace, out: Console) -> int:
-    a, b = inspect(args.path, ema=args.ema), inspect(args.other, ema=args.ema)
-    only_a = sorted(set(a.tensors) - set(b.tensors))
-    only_b = sorted(set(b.tensors) - set(a.tensors))
-    both = [k for k in a.tensors if k in b.tensors]
-    shape = [k for k in both if a.tensors[k].shape != b.tensors[k].shape]
-    dtype = [k for k in both if k not in shape and a.tensors[k].dtype != b.tensors[k].dtype]
-    result = {
-        "a": a.path,
-        "b": b.path,
-        "same": len(both) - len(shape) - len(dtype),
-        "only_in_a": only_a,
-        "only_in_b": only_b,
-        "shape_differs": {k: [list(a.tensors[k].shape), list(b.tensors[k].shape)] for k in shape},
-        "dtype_differs": {k: [a.tensors[k].dtype, b.tensors[k].dtype] for k in dtype},
-    }
+    from ._compare import compare_checkpoints
+
+    result = compare_checkpoints(args.path, args.other, ema=args.ema)
     if args.json:
-        print(json.dumps(result, indent=2))
-        return EXIT_OK
-    out.print(Text(f"{a.path}  vs  {b.path}", style="bold"))
-    out.print(
-        f"{result['same']:,} keys alike, {len(shape)} of another shape, {len(dtype)} of another "
-        f"dtype, {len(only_a)} only in the first, {len(only_b)} only in the second",
-        markup=False,
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _render_comparison(out, result)
+    return EXIT_OK if result.identical else EXIT_DIFFERENT
+
+
+def _render_comparison(out: Console, result: CheckpointComparison) -> None:
+    a, b = result.a.tensors, result.b.tensors
+    out.print(Text(_printable(f"{result.a.path}  vs  {result.b.path}"), style="bold"))
+    counts = (
+        f"{len(result.same):,} keys alike, {len(result.value_differs)} of other values, "
+        f"{len(result.shape_differs)} of another shape, {len(result.dtype_differs)} of another "
+        f"dtype, {len(result.only_in_a)} only in the first, {len(result.only_in_b)} only in the "
+        "second"
     )
-    for k in shape:
-        out.print(
-            f"  shape  {k}: {list(a.tensors[k].shape)} vs {list(b.tensors[k].shape)}", markup=False
-        )
-    for k in dtype:
-        out.print(f"  dtype  {k}: {a.tensors[k].dtype} vs {b.tensors[k].dtype}", markup=False)
-    for label, keys in (("first", only_a), ("second", only_b)):
-        for group in group_keys(keys):
-            out.print(f"  only in the {label}: {group}", markup=False)
-    return EXIT_OK
+    out.print(Text(counts + (" (identical)" if result.identical else "")))
+    lines = [
+        f"  value  {k}: {v.elements:,} of {v.numel:,} elements differ, max |a - b| {v.max_abs:.6g}"
+        for k, v in result.value_differs.items()
+    ]
+    lines += [
+        f"  shape  {k}: {list(a[k].shape)} vs {list(b[k].shape)}" for k in result.shape_differs
+    ]
+    lines += [f"  dtype  {k}: {a[k].dtype} vs {b[k].dtype}" for k in result.dtype_differs]
+    for label, keys in (("first", result.only_in_a), ("second", result.only_in_b)):
+        lines += [f"  only in the {label}: {group}" for group in group_keys(list(keys))]
+    for line in lines:
+        out.print(Text(_printable(line)))
 
 
 # --------------------------------------------------------------------------------------------------

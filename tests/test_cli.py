@@ -250,13 +250,77 @@ def test_diff_two_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     other["extra"] = torch.zeros(1)
     save_file(other, str(b))
     code, out, _ = run(capsys, "diff", str(a), str(b), "--json")
-    assert code == 0
+    assert code == 1
     assert json.loads(out) == {
-        "a": str(a), "b": str(b), "same": 4,
+        "a": str(a), "b": str(b), "identical": False, "same": 4,
         "only_in_a": ["bn.running_mean", "bn.running_var"], "only_in_b": ["extra"],
         "shape_differs": {"fc.weight": [[10, 8], [5, 8]], "fc.bias": [[10], [5]]},
-        "dtype_differs": {"conv.weight": ["float32", "float16"]},
+        "dtype_differs": {"conv.weight": ["float32", "float16"]}, "value_differs": {},
     }  # fmt: skip
+
+
+def test_diff_two_checkpoints_compares_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys of equal shape and dtype are compared by value (chunk by chunk; NaN meeting NaN is no
+    difference); exit 0 only when the state dicts are identical, 1 otherwise."""
+    import smartload._compare
+
+    monkeypatch.setattr(smartload._compare, "CHUNK", 3)  # several chunks per tensor
+    sd = make_net(10).state_dict()
+    sd["fc.bias"] = torch.arange(10, dtype=torch.float32)
+    sd["conv.bias"][5] = float("nan")
+    a, b = tmp_path / "a.pth", tmp_path / "b.safetensors"
+    torch.save({"state_dict": sd}, a)
+    other = {k: v.clone() for k, v in sd.items()}
+    other["fc.bias"][[1, 8]] += torch.tensor([0.5, -2.0])
+    other["bn.num_batches_tracked"] += 3
+    other["bn.weight"][7] = float("nan")
+    save_file(other, str(b))
+    code, out, _ = run(capsys, "diff", str(a), str(b))
+    assert code == 1
+    assert out.splitlines() == [
+        f"{a}  vs  {b}",
+        "6 keys alike, 3 of other values, 0 of another shape, 0 of another dtype, "
+        "0 only in the first, 0 only in the second",
+        "  value  bn.weight: 1 of 8 elements differ, max |a - b| nan",
+        "  value  bn.num_batches_tracked: 1 of 1 elements differ, max |a - b| 3",
+        "  value  fc.bias: 2 of 10 elements differ, max |a - b| 2",
+    ]
+    code, out, _ = run(capsys, "diff", str(a), str(b), "--json")
+    assert code == 1
+    assert json.loads(out)["value_differs"] == {
+        "bn.weight": {"elements": 1, "numel": 8, "max_abs_diff": "nan"},
+        "bn.num_batches_tracked": {"elements": 1, "numel": 1, "max_abs_diff": 3.0},
+        "fc.bias": {"elements": 2, "numel": 10, "max_abs_diff": 2.0},
+    }
+    save_file(sd, str(b))
+    code, out, _ = run(capsys, "diff", str(a), str(b))
+    assert code == 0
+    assert out.splitlines()[1] == (
+        "9 keys alike, 0 of other values, 0 of another shape, 0 of another dtype, "
+        "0 only in the first, 0 only in the second (identical)"
+    )
+    code, out, _ = run(capsys, "diff", "--help")
+    assert "diff A B: 0 identical (same keys, shapes, dtypes and values), 1 they differ" in out
+
+
+def test_human_output_has_no_trailing_whitespace(
+    tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """rich pads table cells to the column width; no line of the output keeps that padding."""
+    import argparse
+
+    path = tmp_path / "train.pth"
+    torch.save({"model": make_net(3).state_dict(), "args": argparse.Namespace(lr=1)}, path)
+    outputs = [
+        run(capsys, "inspect", str(ckpt))[1],
+        run(capsys, "inspect", str(path), "--scan")[1],
+        run(capsys, "diff", str(ckpt), str(path))[1],
+    ]
+    for out in outputs:
+        assert len(out.splitlines()) > 3
+        assert [line for line in out.splitlines() if line != line.rstrip()] == []
 
 
 def test_convert_to_safetensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

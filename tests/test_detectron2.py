@@ -354,3 +354,133 @@ def test_hostile_pkl_refused_by_load_and_hook_while_detectron2_runs_it(
     )
     DetectionCheckpointer(model).load(str(path))
     assert witness.exists()  # what smartload exists to prevent
+
+
+# --------------------------------------------------------------------------------------------------
+# semantic segmentation and models without a class head
+
+SEMANTIC = "Misc/semantic_R_50_FPN_1x.yaml"
+RPN = "COCO-Detection/rpn_R_50_FPN_1x.yaml"
+SEM_SEG = "sem_seg_head.predictor"
+COCO_STUFF = "coco_2017_train_panoptic_stuffonly"  # "things" at 0, then 53 stuff classes
+
+
+def make_semantic(num_classes: int | None = None, seed: int = 0) -> torch.nn.Module:
+    cfg = make_cfg(SEMANTIC)
+    if num_classes is not None:
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def semantic_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A 54-class SemanticSegmentor checkpoint (COCO's stuff-only label set)."""
+    sd = make_semantic(seed=1).state_dict()
+    path = tmp_path_factory.mktemp("semantic") / "semantic.pth"
+    torch.save({"model": sd}, path)
+    return path, sd
+
+
+def test_semantic_segmentor_head_follows_the_class_map(semantic_checkpoint: tuple) -> None:
+    """A SemanticSegmentor's predictor is its class head (K rows; the ignore value is no row):
+    the class map picks exactly its rows, by index or by stuff_classes name."""
+    path, sd = semantic_checkpoint
+    model = make_semantic(3)
+    report = smartload.load(model, path, num_classes=3, class_map=PERSON_CAR_DOG)
+    assert [(h.name, h.old_classes, h.new_classes, h.class_map) for h in report.heads] == [
+        (SEM_SEG, 54, 3, (0, 2, 16))
+    ]
+    entry = next(e for e in report.entries if e.key == f"{SEM_SEG}.weight")
+    assert (entry.action, entry.reason) == (
+        "slice",
+        f"head {SEM_SEG}: 54 → 3 classes, 3 of 3 rows kept by class map",
+    )
+    got = model.state_dict()
+    for p in ("weight", "bias"):
+        assert torch.equal(got[f"{SEM_SEG}.{p}"], sd[f"{SEM_SEG}.{p}"][PERSON_CAR_DOG]), p
+    for key, value in sd.items():
+        if not key.startswith(SEM_SEG):
+            assert torch.equal(got[key], value), key
+
+    model = make_semantic(3)
+    report = smartload.load(
+        model,
+        path,
+        num_classes=3,
+        source_classes=COCO_STUFF,
+        target_classes=["things", "sky", "grass"],
+    )
+    assert report.heads[0].class_map == (0, 40, 46)
+    got = model.state_dict()
+    assert torch.equal(got[f"{SEM_SEG}.weight"], sd[f"{SEM_SEG}.weight"][[0, 40, 46]])
+
+
+def test_panoptic_stuff_head_is_its_own_label_space_with_things_first(
+    coco_checkpoints: dict,
+) -> None:
+    """PanopticFPN: the class map is about thing classes; the stuff head counts its stuff classes
+    after row 0 ("things", kept): re-initialised when they change, by position under a policy."""
+    pth, _, sd = coco_checkpoints[PANOPTIC]
+    cfg = make_cfg(PANOPTIC, 3)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5
+    report = smartload.load(build_model(cfg), pth, num_classes=3, class_map=PERSON_CAR_DOG)
+    entry = next(e for e in report.entries if e.key == f"{SEM_SEG}.weight")
+    assert (entry.action, entry.reason) == (
+        "reinit-normal",
+        f"head {SEM_SEG}: 53 → 4 classes, no class map",
+    )
+    model = build_model(cfg)
+    policy = {f"{SEM_SEG}.*": "slice"}
+    report = smartload.load(model, pth, num_classes=3, class_map=PERSON_CAR_DOG, policies=policy)
+    entry = next(e for e in report.entries if e.key == f"{SEM_SEG}.weight")
+    assert entry.reason.startswith(f"head {SEM_SEG}: 53 → 4 classes, 5 of 5 rows kept")
+    assert torch.equal(model.state_dict()[f"{SEM_SEG}.weight"], sd[f"{SEM_SEG}.weight"][:5])
+
+
+def test_rpn_only_model_says_the_class_map_went_unused() -> None:
+    """A ProposalNetwork has no class head: everything is copied and the report says that the
+    class map was not used."""
+    sd = make_model(RPN, seed=1).state_dict()
+    model = make_model(RPN)
+    report = smartload.load(model, sd, class_map=PERSON_CAR_DOG)
+    assert report.heads == ()
+    assert {e.action for e in report.entries} == {"copy"}
+    assert (
+        "class_map not used: no class head of this model was found by the detectron2 adapter"
+        in (report.notes)
+    )
+
+
+def test_hook_keywords_for_semantic_and_rpn_models(semantic_checkpoint: tuple) -> None:
+    """The hook gives a SemanticSegmentor its sem-seg class count and stuff_classes names (a
+    54-class checkpoint assumed COCO's stuff-only set, and said so); an RPN neither."""
+    from smartload.adapters.detectron2 import _load_keywords
+
+    path, sd = semantic_checkpoint
+    name = "smartload_toy_stuff_train"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, list)
+        MetadataCatalog.get(name).set(stuff_classes=["things", "sky", "grass"])
+    cfg = make_cfg(SEMANTIC)
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 3
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.MODEL.WEIGHTS = str(path)
+    model = build_model(cfg)
+    keywords = _load_keywords(cfg, model, {})
+    adapter = keywords.pop("adapter")
+    assert keywords == {
+        "num_classes": 3,
+        "target_classes": ["things", "sky", "grass"],
+        "source_classes": list(MetadataCatalog.get(COCO_STUFF).stuff_classes),
+    }
+    assert adapter.notes == (
+        f"the checkpoint's 54 classes were assumed to be COCO's ({COCO_STUFF}); "
+        "pass source_classes= to say otherwise",
+    )
+    report = smartload.load(model, path, adapter=adapter, **keywords)
+    assert report.heads[0].class_map == (0, 40, 46)
+
+    rpn_cfg = make_cfg(RPN)
+    rpn_cfg.DATASETS.TRAIN = (name,)
+    assert list(_load_keywords(rpn_cfg, build_model(rpn_cfg), {})) == ["adapter"]

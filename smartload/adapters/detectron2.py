@@ -9,7 +9,9 @@ Head layouts (rows along dim 0 unless said):
 - ``...bbox_pred``: 4 rows per class (absent from the rules when class-agnostic: 4 rows);
 - ``roi_heads.mask_head.predictor``: K rows (1 when class-agnostic);
 - RetinaNet ``head.cls_score``: A*K channels, channel = a*K + k; new bias at the focal prior;
-- ``sem_seg_head.predictor``: its own label space (stuff classes), re-initialised if it changes;
+- ``sem_seg_head.predictor``: K rows, one per ``stuff_classes`` name. A SemanticSegmentor's
+  only label space: it follows the class map. In PanopticFPN the stuff classes are a label space of
+  their own (the class map is about the things), with "things" as row 0, always kept;
 - ``roi_heads.keypoint_head.score_lowres``: keypoints along dim 1 (ConvTranspose2d).
 
 New rows are initialised as detectron2 does: cls_score std 0.01, bbox_pred and mask predictor std
@@ -101,15 +103,9 @@ class Detectron2Adapter(Adapter):
             groups = int(head.cls_score.out_channels) // int(retina_classes)
             prior = -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB)
             rules.append(_rule("head.cls_score", groups=groups, std=0.01, bias=prior))
-        sem_seg = getattr(getattr(model, "sem_seg_head", None), "predictor", None)
+        sem_seg = _sem_seg_predictor(model)
         if sem_seg is not None:
-            rules.append(
-                _rule(
-                    "sem_seg_head.predictor",
-                    label_space="stuff",
-                    std=_weight_std(sem_seg, 0.001),
-                )
-            )
+            rules.append(_sem_seg_rule(model, sem_seg))
         return rules
 
     def num_classes(self, model: torch.nn.Module) -> int | None:
@@ -117,13 +113,19 @@ class Detectron2Adapter(Adapter):
             value = getattr(owner, "num_classes", None)
             if isinstance(value, int):
                 return value
+        sem_seg = _sem_seg_predictor(model)
+        if sem_seg is not None and not _has_things(model):
+            return int(sem_seg.out_channels)
         return None
 
     def class_names(self, label_set: str) -> list[str] | None:
-        """``thing_classes`` of a registered dataset (``"coco_2017_train"``)."""
+        """The class names of a registered dataset: ``thing_classes`` (``"coco_2017_train"``), or
+        ``stuff_classes`` for a semantic-segmentation one (``"ade20k_sem_seg_train"``)."""
         if label_set not in DatasetCatalog.list() and label_set not in MetadataCatalog.list():
             return None
-        names = MetadataCatalog.get(label_set).get("thing_classes")
+        metadata = MetadataCatalog.get(label_set)
+        semantic = str(metadata.get("evaluator_type", "")).endswith("sem_seg")
+        names = metadata.get("stuff_classes" if semantic else "thing_classes")
         return list(names) if names else None
 
     def prepare_checkpoint(
@@ -186,6 +188,32 @@ class _Named:
     def __init__(self, key: str, shape: tuple[int, ...]) -> None:
         self.key = key
         self.shape = shape
+
+
+def _sem_seg_predictor(model: torch.nn.Module) -> Any:
+    return getattr(getattr(model, "sem_seg_head", None), "predictor", None)
+
+
+def _has_things(model: torch.nn.Module) -> bool:
+    """Whether the model detects instances (its class map is about thing classes)."""
+    return getattr(model, "roi_heads", None) is not None or type(model).__name__ == "RetinaNet"
+
+
+def _sem_seg_rule(model: torch.nn.Module, predictor: Any) -> HeadRule:
+    """``sem_seg_head.predictor``: one row per class of the dataset's ``stuff_classes``.
+
+    The config's IGNORE_VALUE (255) labels pixels that carry no loss; it names no row, so a
+    SemanticSegmentor's head is K plain rows and its classes are the model's classes: the class map
+    picks them (by index, or by ``stuff_classes`` name; COCO's stuff-only set has "things" at 0,
+    an ordinary class there). PanopticFPN's head has a label space of its own, beside the thing
+    classes the class map is about: detectron2 gives every thing pixel semantic label 0 (its
+    panoptic metadata's ``stuff_classes[0] == "things"``, and PanopticFPN's combining step skips
+    label 0), so row 0 keeps its meaning whatever the things become: a background, always kept.
+    """
+    std = _weight_std(predictor, 0.001)
+    if _has_things(model):
+        return _rule("sem_seg_head.predictor", label_space="stuff", background="first", std=std)
+    return _rule("sem_seg_head.predictor", std=std)
 
 
 def _is_module_list(value: Any) -> bool:
@@ -292,27 +320,33 @@ class SmartLoadHook(HookBase):  # type: ignore[misc]
         self.report = checkpointer.smartload_report
 
 
+# Where a model's class names sit in dataset metadata, and the registered dataset whose names an
+# equal-count checkpoint is assumed to have: thing classes for detectors; stuff classes for a
+# semantic segmentor (COCO's stuff-only set: "things" and the 53 stuff classes).
+_THING_NAMES = ("thing_classes", "coco_2017_train")
+_STUFF_NAMES = ("stuff_classes", "coco_2017_train_panoptic_stuffonly")
+
+
 def _load_keywords(cfg: Any, model: torch.nn.Module, given: Mapping[str, Any]) -> dict[str, Any]:
     """``smartload.load`` keywords for a detectron2 config: class count, class names, adapter."""
     keywords = dict(given)
-    retina = cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
-    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES if retina else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    num_classes = Detectron2Adapter().num_classes(model)
+    if num_classes is None:  # no class head (an RPN): no class count, no names to match
+        keywords.setdefault("adapter", Detectron2Adapter())
+        return keywords
     keywords.setdefault("num_classes", num_classes)
+    field, assumed_set = _THING_NAMES if _has_things(model) else _STUFF_NAMES
     notes: list[str] = []
-    target = (
-        MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes")
-        if cfg.DATASETS.TRAIN
-        else None
-    )
+    target = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get(field) if cfg.DATASETS.TRAIN else None
     if "class_map" not in keywords and target:
         keywords.setdefault("target_classes", list(target))
-        coco = MetadataCatalog.get("coco_2017_train").get("thing_classes")
-        if "source_classes" not in keywords and coco:
-            if _checkpoint_classes(model, str(cfg.MODEL.WEIGHTS)) == len(coco):
-                keywords["source_classes"] = list(coco)
+        assumed = MetadataCatalog.get(assumed_set).get(field)
+        if "source_classes" not in keywords and assumed:
+            if _checkpoint_classes(model, str(cfg.MODEL.WEIGHTS)) == len(assumed):
+                keywords["source_classes"] = list(assumed)
                 notes.append(
-                    f"the checkpoint's {len(coco)} classes were assumed to be COCO's "
-                    "(coco_2017_train); pass source_classes= to say otherwise"
+                    f"the checkpoint's {len(assumed)} classes were assumed to be COCO's "
+                    f"({assumed_set}); pass source_classes= to say otherwise"
                 )
     keywords.setdefault("adapter", Detectron2Adapter(notes))
     return keywords
