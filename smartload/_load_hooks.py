@@ -25,7 +25,7 @@ import torch
 
 from ._normalize import leaf_dtype, leaf_shape
 from ._tensors import torch_dtype
-from .errors import IncompatibleCheckpointError
+from .errors import IncompatibleCheckpointError, SmartloadError
 
 __all__ = ["Computed", "HookedKeys", "compute", "hooked_roots", "translate"]
 
@@ -87,13 +87,9 @@ def translate(
             continue
         out.roots[prefix] = names
         try:
-            state = {k: _meta(leaves[ck]) for k, ck in names.items()}
-            run = _Run(state)
-            run.visit(root, dict(state), prefix)
+            run = _Run.over({k: _meta(leaves[ck]) for k, ck in names.items()}, root, prefix)
         except Exception:  # the hook reads values: plan over the real tensors
-            state = {k: read(ck) for k, ck in names.items()}
-            run = _Run(state)
-            run.visit(root, dict(state), prefix)
+            run = _Run.over({k: read(ck) for k, ck in names.items()}, root, prefix)
         run.classify(names, prefix, out)
     return out
 
@@ -105,10 +101,7 @@ def compute(
     hooks → checkpoint key): the value each module's own key gets, as ``load_state_dict`` would
     copy it."""
     module = model.get_submodule(root[:-1]) if root else model
-    state = {k: read(ck) for k, ck in names.items()}
-    run = _Run(state)
-    run.visit(module, dict(state), root)
-    return run.values
+    return _Run.over({k: read(ck) for k, ck in names.items()}, module, root).values
 
 
 class _Run:
@@ -122,6 +115,23 @@ class _Run:
             str, str
         ] = {}  # key before the hooks → the hooks that took or renamed it
         self.made: dict[str, tuple[str, list[str]]] = {}  # computed key → (hooks, inputs)
+
+    @classmethod
+    def over(cls, state: dict[str, torch.Tensor], root: torch.nn.Module, prefix: str) -> _Run:
+        """Run the hooks of the subtree at ``prefix`` over ``state``. A hook that fails is the
+        model refusing the checkpoint, as ``load_state_dict`` would."""
+        run = cls(state)
+        try:
+            run.visit(root, dict(state), prefix)
+        except SmartloadError:
+            raise
+        except Exception as exc:
+            raise IncompatibleCheckpointError(
+                [],
+                f"a load pre-hook under {prefix[:-1] or 'the model'!r} failed on this checkpoint "
+                f"({type(exc).__name__}: {exc}); load_state_dict would fail too. Nothing was loaded",
+            ) from exc
+        return run
 
     def original(self, value: torch.Tensor) -> str | None:
         """The key before the hooks of an untouched stand-in, else None."""

@@ -89,6 +89,8 @@ class IncompatibleCheckpointError(SmartloadError, ValueError):
         where = f" from {checkpoint}" if checkpoint else ""
         message = (
             f"cannot load {len(self.mismatches)} key(s){where}:\n" + "\n".join(lines) + f"\n{hint}"
+            if self.mismatches
+            else (f"{checkpoint}: {hint}" if checkpoint else hint)
         )
         super().__init__(message)
 

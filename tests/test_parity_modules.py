@@ -366,3 +366,30 @@ def test_num_classes_zero_is_timms_no_classifier(tmp_path: Path) -> None:
     report = smartload.load(model, path, num_classes=0)
     assert report.unused == ("fc.bias", "fc.weight")
     assert report.summary["copy"] == len(model.state_dict())
+
+
+def test_a_pre_hook_that_fails_is_a_typed_refusal(tmp_path: Path) -> None:
+    """A hook that raises (on meta stand-ins and on the real tensors) refuses the load."""
+
+    class Fails(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(4, 2)
+            self._register_load_state_dict_pre_hook(self._needs)
+
+        @staticmethod
+        def _needs(state: dict[str, Any], prefix: str, *args: Any) -> None:
+            state[prefix + "weight"] = state.pop(prefix + "w")
+
+    path = tmp_path / "ckpt.pth"
+    torch.save(nn.Linear(4, 2).state_dict(), path)
+    model = Fails()
+    before = snapshot(model)
+    with pytest.raises(KeyError):
+        Fails().load_state_dict(torch.load(path, weights_only=True))
+    with pytest.raises(smartload.IncompatibleCheckpointError) as info:
+        smartload.load(model, path)
+    assert str(info.value) == (
+        "a load pre-hook under 'the model' failed on this checkpoint (KeyError: 'w'); "
+        "load_state_dict would fail too. Nothing was loaded"
+    )
+    assert_unchanged(model, before)
