@@ -393,3 +393,26 @@ def test_a_pre_hook_that_fails_is_a_typed_refusal(tmp_path: Path) -> None:
         "load_state_dict would fail too. Nothing was loaded"
     )
     assert_unchanged(model, before)
+
+
+def test_timm_gemma4_clip_bounds_are_not_divergence(tmp_path: Path) -> None:
+    """timm's gemma4 ViT holds ±Inf clip bounds in its own fresh state: they load; a NaN in one
+    of its learned weights is still refused."""
+    import timm
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("gemma4_vit_167m", depth=1, embed_dim=64, num_heads=2)
+
+    state = make().state_dict()
+    path = tmp_path / "gemma4.pth"
+    torch.save(state, path)
+    model = make()
+    smartload.load(model, path)
+    assert_same_tensors(model.state_dict(), state)
+    assert sum(not bool(torch.isfinite(v).all()) for v in state.values()) == 28
+
+    state["encoder.blocks.0.attn.q_proj.linear.weight"][0, 0] = float("nan")
+    torch.save(state, path)
+    with pytest.raises(smartload.CheckpointFormatError, match=r"q_proj\.linear\.weight \(1 NaN\)"):
+        smartload.load(make(), path)
