@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+import re
 import stat
 import struct
 import zipfile
@@ -22,13 +23,15 @@ from typing import Any, BinaryIO, NamedTuple
 
 from ._gc import gc_paused
 from ._records import DTYPE_ITEMSIZE, MAX_NDIM, MAX_NUMEL, Refused, StorageRef, TensorRecord, brief
-from ._unpickler import Marker, is_stand_in_class, unpickle
+from ._unpickler import Marker, is_stand_in_class, marker, refuse_unsupported_tensor, unpickle
 from .errors import CheckpointFormatError
 
 __all__ = ["RawCheckpoint", "Source", "read"]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
+# a legacy file saved with pickle_protocol 0 or 1 opens with the magic number as a text LONG
+_LEGACY_MAGIC_TEXT = b"L%dL\n." % _LEGACY_MAGIC
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -110,6 +113,8 @@ def _sniff(path: str, head: bytes, size: int) -> str:
     if head.startswith(b"{"):
         return "index"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if head.startswith(_LEGACY_MAGIC_TEXT):
         return "pickle"
     if head[:1] in (b"(", b"}", b"]", b"c") and size > 1:  # protocol 0/1 pickles (py2 .pkl)
         return "pickle"
@@ -349,11 +354,14 @@ def _member_bytes(path: str, mm: mmap.mmap, member: _Member, check_crc: bool = F
 
 
 def _storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
+    if type(pid) is str:
+        pid = _text_pid(pid)
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
         raise Refused(f"an unknown persistent id ({brief(pid)})")
     _, storage_type, key, location, numel = pid[:5]
     if len(pid) == 6 and pid[5] is not None:
         raise Refused("a legacy storage view (not supported)")
+    refuse_unsupported_tensor(getattr(storage_type, "qualname", ""))
     if not (
         isinstance(storage_type, Marker)
         and storage_type.qualname.endswith("Storage")
@@ -370,6 +378,26 @@ def _storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
     elif ref.nbytes != numel * DTYPE_ITEMSIZE[storage_type.value]:
         raise Refused(f"storage {key!r} declared twice with different sizes")
     return ref
+
+
+# pickle_protocol=0 writes a persistent id as its str(): torch.save's tuple becomes
+# "('storage', <class 'torch.FloatStorage'>, '0', 'cpu', 12)" (legacy files add ", None", the
+# view; Python 2 writes u'...' and 12L). torch.load cannot read it back; smartload parses exactly
+# that, and the class named must be a storage type.
+_TEXT_PID = re.compile(
+    r"\('storage', <class '([\w.]{1,64})'>, u?'(\w{1,64})', u?'([\w:.-]{1,64})', (\d{1,15})L?"
+    r"(?:, None)?\)",
+    re.ASCII,
+)
+
+
+def _text_pid(pid: str) -> tuple[Any, ...]:
+    """The tuple a protocol-0 persistent id stands for, with the storage type as its marker."""
+    match = _TEXT_PID.fullmatch(pid)
+    storage_type = match and marker(match[1])
+    if match is None or storage_type is None:
+        raise Refused(f"an unknown persistent id ({brief(pid)})")
+    return ("storage", storage_type, match[2], match[3], int(match[4]))
 
 
 def _legacy_ref(pid: Any, storages: dict[str, StorageRef]) -> Any:

@@ -38,7 +38,8 @@ DTYPE_ITEMSIZE: dict[str, int] = {
     "int64": 8, "int32": 4, "int16": 2, "int8": 1,
     "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
     "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
-    "float8_e8m0fnu": 1,
+    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
+    "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
 }  # fmt: skip
 
 TORCH_DTYPE_ALIASES = {
@@ -71,11 +72,13 @@ NUMPY_CHAR_CODES = {
 
 
 class Refused(Exception):
-    """Raised inside the pickle machine; turned into a smartload error by :func:`unpickle`."""
+    """Raised inside the pickle machine; turned into a smartload error by :func:`unpickle`.
+    ``hint`` says what to do where the default (the file is corrupt) would mislead."""
 
-    def __init__(self, message: str, hostile: str | None = None) -> None:
+    def __init__(self, message: str, hostile: str | None = None, hint: str | None = None) -> None:
         super().__init__(message)
         self.hostile = hostile
+        self.hint = hint
 
 
 class _Sealed:

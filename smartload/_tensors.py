@@ -34,6 +34,7 @@ class Materializer:
         self._sources = sources
         self._files: dict[str, torch.Tensor] = {}
         self._typed: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._aligned: dict[str, torch.Tensor] = {}  # storage key -> its bytes, copied once
         self._verify_crc = verify_crc
         self._checked: set[str] = set()
 
@@ -86,7 +87,8 @@ class Materializer:
     def _from_record_slowly(
         self, record: TensorRecord, source: Source, dtype: torch.dtype
     ) -> torch.Tensor:
-        """Storages checked against their CRC, or not aligned to their dtype (safetensors)."""
+        """Storages checked against their CRC, or not aligned to their dtype (safetensors and
+        legacy files)."""
         raw = self._file_bytes(source.file)[source.offset : source.offset + source.nbytes]
         if len(raw) != source.nbytes:
             raise CheckpointFormatError(source.file, f"storage {record.storage.key!r} is truncated")
@@ -98,8 +100,13 @@ class Materializer:
                     "The file is corrupt",
                 )
             self._checked.add(record.storage.key)
-        if source.offset % dtype.itemsize:  # safetensors does not align its tensors: copy those
-            raw = raw.clone()
+        if source.offset % dtype.itemsize:
+            # safetensors and legacy torch files do not align their storages: copy each once,
+            # so views of one storage (tied weights, an RNN's flat weights) stay views of one copy
+            copy = self._aligned.get(record.storage.key)
+            if copy is None:
+                copy = self._aligned[record.storage.key] = raw.clone()
+            raw = copy
         typed = raw.view(dtype)
         # as_strided's offset counts from the start of the storage, not of the view
         return typed.as_strided(record.shape, record.stride, typed.storage_offset() + record.offset)

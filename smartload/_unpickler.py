@@ -6,7 +6,9 @@ function or class. It returns one of:
 - an allowlisted *builder* (torch tensor rebuild functions, ``OrderedDict``, the numpy array set,
   ``_codecs.encode``, ``copyreg._reconstructor``): a callable object of ours that builds a *record*
   (:class:`TensorRecord`, :class:`ArrayRecord`) or a plain container, never a torch or numpy object;
-- a *marker* for names that are only data (storage types, dtypes);
+  the rebuilders of tensors that are not dense numbers in a storage (quantized, sparse, nested,
+  meta) are builders too, whose call is refused with what to save instead;
+- a *marker* for names that are only data (storage types, CUDA ones included, dtypes);
 - an inert *stand-in class* for everything else (``argparse.Namespace``, ``datetime.datetime``, a
   Lightning ``AttributeDict`` ...): calling it, ``NEWOBJ``, ``BUILD``, ``SETITEM`` and ``APPEND``
   only record what the pickle asked for.
@@ -20,7 +22,8 @@ refuses any other construction inside it.
 
 Since the pickle can only call what ``find_class`` returned, no code from the file can run. Globals
 on the hostile list (``os.system``, ``builtins.eval``, ``importlib``, ``functools.partial`` ...)
-are recorded and the whole file is refused, listing every one of them.
+are recorded and the whole file is refused, listing every one of them. What the calls and BUILDs
+copy out of the pickle's lists and dicts is bounded by the pickle's size (:class:`_CopyBudget`).
 
 Two modes share this code: *symbolic* (``inspect``: array bytes are dropped, problems collected)
 and *materialize* (``load``: array bytes kept, the first problem raises).
@@ -57,7 +60,14 @@ from ._records import (
 )
 from .errors import CheckpointFormatError, UnsafeCheckpointError
 
-__all__ = ["Marker", "inert_globals", "is_stand_in_class", "unpickle"]
+__all__ = [
+    "Marker",
+    "inert_globals",
+    "is_stand_in_class",
+    "marker",
+    "refuse_unsupported_tensor",
+    "unpickle",
+]
 
 # --------------------------------------------------------------------------------------------------
 # what find_class hands to the pickle machine
@@ -101,6 +111,31 @@ class Marker(_NoBuild):
         raise Refused(f"the pickle calls {self.qualname}, which is only data")
 
 
+class _CopyBudget:
+    """How many references the pickle may still have copied out of its lists and dicts.
+
+    A list memoized once can be passed to a million calls at 4 bytes each; copying it for every
+    call would turn a small file into terabytes. Honest pickles copy what they hold once or twice,
+    so the budget is a multiple of the pickle's size in bytes (set once the prescan has it).
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = 0
+
+    def charge(self, count: int, what: str) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise Refused(
+                f"{what} copy more items than {_COPIES_PER_BYTE} per byte of the pickle (the "
+                "same list or dict passed again and again would fill memory)"
+            )
+
+
+_COPIES_PER_BYTE = 4
+
+
 class _StateDict(dict):  # type: ignore[type-arg]
     """``OrderedDict`` as torch pickles it: items, plus ``_metadata`` set by BUILD."""
 
@@ -117,10 +152,12 @@ class _StandInType(type):
 
     qualname: str
     calls: list[str] | None  # for hostile globals: what the file would have run, described
+    budget: _CopyBudget
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         obj = cls.__new__(cls)  # type: ignore[call-overload]
         # as they were at the call: the pickle may fill a list after passing it (set(L) copies L)
+        cls.budget.charge(sum(len(a) for a in args if type(a) is list), f"calls of {cls.qualname}")
         obj.record.args = tuple(list(a) if type(a) is list else a for a in args)
         obj.record.called = True
         if cls.calls is not None and len(cls.calls) < 100:
@@ -149,7 +186,10 @@ class _StandInBuild:
         def record(state: Any) -> None:
             # a copy, as __setstate__/__dict__.update take one: changes the pickle makes to the
             # dict after BUILD do not reach the object
-            obj.record.state = dict(state) if isinstance(state, dict) else state
+            if isinstance(state, dict):
+                type(obj).budget.charge(len(state), f"BUILDs of {obj.record.qualname}")
+                state = dict(state)
+            obj.record.state = state
             obj.record.builds += 1
 
         return record
@@ -202,7 +242,8 @@ class _Unpickler(pickle.Unpickler):
         # set through the C unpickler's own attribute: no Python frame of ours in between
         self.persistent_load = persistent_load or _no_persistent_ids  # type: ignore[method-assign]
         self._types: dict[str, type] = {}
-        self._builders = _builders(symbolic)
+        self.budget = _CopyBudget()
+        self._builders = _builders(symbolic, self.budget)
 
     # -- called by the pickle machine ---------------------------------------------------------
 
@@ -214,15 +255,15 @@ class _Unpickler(pickle.Unpickler):
         if "." in name:
             self._hostile(qualname, f"dotted global name {name!r} (attribute lookup)")
             return self._stand_in_type(qualname, hostile=True)
+        # exact names that run nothing from the file, ahead of the hostile list: torch.cuda's
+        # storage types (tensors saved from a GPU before torch 1.0) and torch.serialization.
+        # _get_layout (sparse tensors, refused with a reason) sit under hostile prefixes
+        known = self._builders.get(qualname) or marker(qualname)
+        if known is not None:
+            return known
         if (reason := hostile_reason(qualname)) is not None and qualname not in self.allow_globals:
             self._hostile(qualname, reason)
             return self._stand_in_type(qualname, hostile=True)
-        builder = self._builders.get(qualname)
-        if builder is not None:
-            return builder
-        marker = _marker(qualname)
-        if marker is not None:
-            return marker
         return self._stand_in_type(qualname)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -237,7 +278,11 @@ class _Unpickler(pickle.Unpickler):
         if cls is None:
             if len(self._types) >= _MAX_GLOBALS:
                 raise Refused(f"more than {_MAX_GLOBALS} distinct globals")
-            attrs = {"qualname": qualname, "calls": self.calls if hostile else None}
+            attrs = {
+                "qualname": qualname,
+                "calls": self.calls if hostile else None,
+                "budget": self.budget,
+            }
             cls = _StandInType(qualname.rpartition(".")[2], (_StandInBase,), attrs)
             self._types[qualname] = cls
         return cls
@@ -248,11 +293,12 @@ _MAX_MEMO_GAP = 1024  # memo indices grow one by one in real pickles
 _MAX_GLOBALS = 10_000  # distinct globals; each becomes a class
 
 
-def _prescan(stream: BinaryIO) -> None:
+def _prescan(stream: BinaryIO) -> int:
     """Walk the opcodes once, without building anything, and refuse what would hurt the C
     unpickler itself: deeply nested tuples (their hash recurses in C), memo indices far past
-    the memo's size (the memo is resized to twice the index) and floods of globals. Raises
-    :class:`Refused`, or ValueError for a pickle too malformed to walk.
+    the memo's size (the memo is resized to twice the index) and floods of globals. Returns the
+    pickle's length in bytes; raises :class:`Refused`, or ValueError for a pickle too malformed
+    to walk.
 
     The stack is simulated with one number per item: its tuple depth (0 for anything else).
     This runs once per opcode (35 per tensor in a torch pickle), so the common opcodes have
@@ -260,11 +306,12 @@ def _prescan(stream: BinaryIO) -> None:
     """
     start = stream.tell()
     if isinstance(stream, io.BytesIO):
-        _walk(stream.getvalue(), start)
+        end = _walk(stream.getvalue(), start)
     else:
         with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            _walk(data, start)
+            end = _walk(data, start)
     stream.seek(start)
+    return end - start
 
 
 def _walk(data: Any, i: int) -> int:
@@ -528,14 +575,15 @@ def unpickle(
         encoding=encoding,
     )
     error: str | None = None
+    hint = "The file is corrupt or was not written by torch/numpy; re-export it"
     obj: Any = None
     try:
-        _prescan(stream)
+        up.budget.left = _COPIES_PER_BYTE * _prescan(stream)
         obj = _resolve(up.load(), {})
     except Refused as exc:
         if exc.hostile:
             up._hostile(exc.hostile, str(exc))
-        error = str(exc)
+        error, hint = str(exc), exc.hint or hint
     except (CheckpointFormatError, UnsafeCheckpointError):  # from a format's persistent_load
         raise
     except RecursionError:
@@ -547,9 +595,7 @@ def unpickle(
             where, up.hostile, detail="; ".join(up.problems), calls=up.calls
         )
     if error is not None:
-        raise CheckpointFormatError(
-            where, error, "The file is corrupt or was not written by torch/numpy; re-export it"
-        )
+        raise CheckpointFormatError(where, error, hint)
     if end is not None and (extra := end - stream.tell()) != 0:
         raise CheckpointFormatError(
             where,
@@ -563,8 +609,11 @@ def unpickle(
 # allowlisted builders
 
 
-def _marker(qualname: str) -> Marker | None:
+def marker(qualname: str) -> Marker | None:
+    """The marker of a global that is only data (a storage type, a dtype ...), or None."""
     module, _, name = qualname.rpartition(".")
+    if module == "torch.cuda" and name in STORAGE_DTYPES:  # saved from a GPU, loaded on the CPU
+        return Marker(qualname, STORAGE_DTYPES[name])
     if module == "torch":
         if name in STORAGE_DTYPES:
             return Marker(qualname, STORAGE_DTYPES[name])
@@ -582,9 +631,13 @@ def _marker(qualname: str) -> Marker | None:
     return None
 
 
-def _builders(symbolic: bool) -> dict[str, _Builder]:
+def _builders(symbolic: bool, budget: _CopyBudget) -> dict[str, _Builder]:
     # The builders must not hold the unpickler: after an error the C unpickler keeps its stack,
     # which the garbage collector cannot see into, and a cycle through it would never be freed.
+    def tensor_v1(storage: Any, offset: Any, size: Any, stride: Any) -> TensorRecord:
+        # torch 0.3's rebuild, without requires_grad (lpips' v0.0 weights)
+        return _tensor(storage, offset, size, stride, False, None, None)
+
     def tensor_v2(
         storage: Any,
         offset: Any,
@@ -635,9 +688,10 @@ def _builders(symbolic: bool) -> dict[str, _Builder]:
         return record
 
     def ordered_dict(*args: Any) -> _StateDict:
+        out = _StateDict()
         if args:
-            _refuse("OrderedDict called with arguments")
-        return _StateDict()
+            _fill_ordered_dict(out, args, budget)
+        return out
 
     def codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -671,6 +725,7 @@ def _builders(symbolic: bool) -> dict[str, _Builder]:
         return _array(symbolic, dtype, _shape(shape), order == "F", bytes(buf))
 
     table: dict[str, Callable[..., Any]] = {
+        "torch._utils._rebuild_tensor": tensor_v1,
         "torch._utils._rebuild_tensor_v2": tensor_v2,
         "torch._utils._rebuild_tensor_v3": tensor_v3,
         "torch._utils._rebuild_parameter": parameter,
@@ -686,10 +741,79 @@ def _builders(symbolic: bool) -> dict[str, _Builder]:
         table[f"{np_core}.multiarray.scalar"] = np_scalar
         table[f"{np_core}.numeric._frombuffer"] = np_frombuffer
     table["numpy.dtype"] = np_dtype
+    for name in _UNSUPPORTED_TENSORS:
+        table[name] = _refusing(name)
     return {name: _builder(name, fn) for name, fn in table.items()}
 
 
 _TENSOR_REBUILDERS = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3")
+
+# tensors torch.load(weights_only=True) reads that are not dense arrays of numbers in a storage:
+# what each global makes, and what to save instead
+_QUANTIZED = ("a quantized tensor", "Save tensor.dequantize() in its place")
+_SPARSE = ("a sparse tensor", "Save tensor.to_dense() in its place")
+_UNSUPPORTED_TENSORS = {
+    "torch._utils._rebuild_qtensor": _QUANTIZED,
+    **{
+        f"torch.{q}Storage": _QUANTIZED
+        for q in ("QInt8", "QUInt8", "QInt32", "QUInt4x2", "QUInt2x4")
+    },
+    "torch._utils._rebuild_sparse_tensor": _SPARSE,
+    "torch.serialization._get_layout": _SPARSE,
+    "torch._utils._rebuild_nested_tensor": ("a nested tensor", "Save its parts (tensor.unbind())"),
+    "torch._utils._rebuild_meta_tensor_no_storage": (
+        "a meta-device tensor",
+        "It holds no values: save the tensor from a real device",
+    ),
+    "torch._utils._rebuild_wrapper_subclass": ("a tensor subclass", "Save a plain tensor"),
+    "torch._utils._rebuild_device_tensor_from_numpy": (
+        "a tensor of a device without storage (XLA ...)",
+        "Move it to the CPU before saving",
+    ),
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor": (
+        "a tensor of a device without storage (XLA ...)",
+        "Move it to the CPU before saving",
+    ),
+}
+
+
+def refuse_unsupported_tensor(qualname: str) -> None:
+    """Refuse, saying why and what to save instead, if ``qualname`` makes a kind of tensor that
+    smartload does not read (a quantized storage type in a persistent id ...)."""
+    if qualname in _UNSUPPORTED_TENSORS:
+        raise _unsupported(qualname)
+
+
+def _unsupported(qualname: str) -> Refused:
+    what, hint = _UNSUPPORTED_TENSORS[qualname]
+    return Refused(
+        f"{what} ({qualname}); smartload reads dense tensors only",
+        hint=f"{hint}, then load that file",
+    )
+
+
+def _refusing(qualname: str) -> Callable[..., NoReturn]:
+    """The builder of a global in ``_UNSUPPORTED_TENSORS``: its call is refused with a reason."""
+
+    def unsupported_tensor(*args: Any) -> NoReturn:
+        raise _unsupported(qualname)
+
+    return unsupported_tensor
+
+
+def _fill_ordered_dict(out: _StateDict, args: tuple[Any, ...], budget: _CopyBudget) -> None:
+    """``OrderedDict([[key, value], ...])``, as Python 2 pickled one (its ``__reduce__`` gave the
+    items as a list of 2-item lists): exactly one list or tuple of pairs with str keys."""
+    if len(args) != 1 or type(args[0]) not in (list, tuple):
+        _refuse("OrderedDict called with arguments other than one list of (key, value) pairs")
+    items = args[0]
+    budget.charge(len(items), "OrderedDict calls")
+    for item in items:
+        if type(item) not in (list, tuple) or len(item) != 2:
+            _refuse(f"OrderedDict called with {brief(item)} where a (key, value) pair belongs")
+        if type(item[0]) is not str:
+            _refuse(f"OrderedDict called with the key {brief(item[0])}; state dict keys are str")
+        out[item[0]] = item[1]
 
 
 def _replace(record: TensorRecord, **changes: Any) -> TensorRecord:
@@ -888,7 +1012,7 @@ def _resolve_key(key: Any) -> Any:
 
 
 # the table's names do not depend on the unpickler it closes over
-_BUILDER_NAMES = frozenset(_builders(False))
+_BUILDER_NAMES = frozenset(_builders(False, _CopyBudget()))
 
 
 def inert_globals(globals_seen: Iterable[str]) -> list[str]:
@@ -896,5 +1020,5 @@ def inert_globals(globals_seen: Iterable[str]) -> list[str]:
     return [
         g
         for g in globals_seen
-        if g not in _BUILDER_NAMES and _marker(g) is None and hostile_reason(g) is None
+        if g not in _BUILDER_NAMES and marker(g) is None and hostile_reason(g) is None
     ]
