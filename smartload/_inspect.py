@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._formats import read
-from ._hostile import is_plain_data
 from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape
 from ._records import DTYPE_ITEMSIZE, TensorRecord
@@ -157,7 +156,7 @@ def inspect(
         other_state_dicts=others,
         extras=describe_extras(raw.tree, (sd_path, *others)),
         globals=tuple(raw.globals),
-        inert_globals=tuple(g for g in inert_globals(raw.globals) if not is_plain_data(g)),
+        inert_globals=tuple(inert_globals(raw.globals)),
         metadata=raw.metadata,
         heads=tuple(_guess_heads(tensors)),
         shared_storages=sum(1 for n in storages.values() if n > 1),

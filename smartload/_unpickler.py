@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable
 from operator import mul
 from typing import Any, BinaryIO, NoReturn
 
-from ._hostile import hostile_reason
+from ._hostile import hostile_reason, is_plain_data
 from ._records import (
     DTYPE_ITEMSIZE,
     MAX_NDIM,
@@ -1016,9 +1016,13 @@ _BUILDER_NAMES = frozenset(_builders(False, _CopyBudget()))
 
 
 def inert_globals(globals_seen: Iterable[str]) -> list[str]:
-    """The globals that became inert stand-ins (neither allowlisted builders nor data markers)."""
+    """The globals that became inert stand-ins (neither allowlisted builders, data markers nor
+    builtin data types such as ``builtins.set``)."""
     return [
         g
         for g in globals_seen
-        if g not in _BUILDER_NAMES and marker(g) is None and hostile_reason(g) is None
+        if g not in _BUILDER_NAMES
+        and marker(g) is None
+        and hostile_reason(g) is None
+        and not is_plain_data(g)
     ]
