@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
 import torch
+from conftest import assert_same_tensors, assert_unchanged, snapshot
 from timm.models import adapt_input_conv
 
 import smartload
@@ -196,3 +198,118 @@ def test_class_map_by_imagenet_names(checkpoints: dict) -> None:
         smartload.diff(
             model, path, num_classes=3, source_classes="coco", target_classes=["a", "b", "c"]
         )
+
+
+# One architecture per kind of input stem, with kwargs that keep it small where the smallest
+# variant is large: plain, deep and space-to-depth convs, patch embeds (a Linear one too),
+# re-parameterisable stems and two input convs (first_conv a tuple).
+IN_CHANS_ARCHS: dict[str, dict[str, Any]] = {
+    "test_resnet": {},  # deep stem: conv1.0
+    "tresnet_m": {"layers": [1, 1, 1, 1]},  # space-to-depth: 48 = 16 × 3 input channels
+    "convnext_atto": {},
+    "vit_tiny_patch16_224": {"depth": 1},
+    "deit_tiny_distilled_patch16_224": {"depth": 1},
+    "test_efficientnet": {},
+    "regnetx_002": {},
+    "swin_tiny_patch4_window7_224": {"depths": (1, 1, 1, 1), "embed_dim": 32},
+    "mobilenetv3_small_050": {},
+    "levit_128s": {"depth": (1, 1, 1)},
+    "crossvit_9_240": {"depth": ((1, 1, 0),) * 3},  # two input convs
+    "fastvit_t8": {},  # two input convs, re-parameterisable
+    "xcit_nano_12_p8_224": {"depth": 1},
+    "efficientvit_m0": {},
+    "hgnetv2_b0": {},
+    "test_nfnet": {},  # ScaledStdConv2d
+    "dla46x_c": {},
+    "naflexvit_base_patch16_parfac_gap": {"depth": 1, "embed_dim": 64, "num_heads": 2},  # Linear
+}
+# where timm's adapt_input_conv cannot convert: timm drops the weight, the layer keeps its init
+KEPT: dict[tuple[str, int], tuple[int, ...]] = {
+    ("tresnet_m", 2): (64, 48, 3, 3),
+    ("tresnet_m", 4): (64, 48, 3, 3),
+    **{("naflexvit_base_patch16_parfac_gap", c): (64, 768) for c in (1, 2, 4)},
+}
+
+
+def _first_convs(model: torch.nn.Module) -> list[str]:
+    names = model.pretrained_cfg["first_conv"]
+    return [f"{n}.weight" for n in ((names,) if isinstance(names, str) else names)]
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 3-channel state dict per architecture, saved as timm's released weights are."""
+    folder = tmp_path_factory.mktemp("timm_in_chans")
+    out = {}
+    for arch, kwargs in IN_CHANS_ARCHS.items():
+        torch.manual_seed(0)
+        out[arch] = folder / f"{arch}.pth"
+        torch.save(timm.create_model(arch, **kwargs).state_dict(), out[arch])
+    return out
+
+
+def timm_pretrained(arch: str, path: Path, seed: int, **kwargs: Any) -> torch.nn.Module:
+    """timm's own pretrained loading of a local file (``load_pretrained`` with ``file``)."""
+    torch.manual_seed(seed)
+    overlay = {"file": str(path)}
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+@pytest.mark.parametrize("in_chans", [1, 2, 4])
+@pytest.mark.parametrize("arch", sorted(IN_CHANS_ARCHS))
+def test_in_chans_loads_as_timm_pretrained_loading(
+    arch: str, in_chans: int, plain_checkpoints: dict[str, Path]
+) -> None:
+    """Every tensor, the input convs too, equals timm's own pretrained loading of the file."""
+    kwargs = {**IN_CHANS_ARCHS[arch], "in_chans": in_chans}
+    expected = timm_pretrained(arch, plain_checkpoints[arch], seed=1, **kwargs).state_dict()
+    torch.manual_seed(1)
+    model = timm.create_model(arch, **kwargs)
+
+    report = smartload.load(model, plain_checkpoints[arch])
+
+    assert_same_tensors(model.state_dict(), expected)
+    shape = KEPT.get((arch, in_chans))
+    outcome = (
+        ("copy", f"input conv 3 → {in_chans} channels (timm adapt_input_conv)")
+        if shape is None
+        else (
+            "skip",
+            f"input conv: timm's adapt_input_conv cannot take {list(shape)} from 3 to {in_chans} "
+            "channels; kept as initialised, as timm's pretrained loading does",
+        )
+    )
+    keys = _first_convs(model)
+    assert {e.key: (e.action, e.reason) for e in report.entries if e.key in keys} == dict.fromkeys(
+        keys, outcome
+    )
+
+
+def test_space_to_depth_stem_sums_each_pixel_block(plain_checkpoints: dict[str, Path]) -> None:
+    """tresnet_m, in_chans=1: the RGB filters of each of the 16 pixels summed, 48 → 16."""
+    model = timm.create_model("tresnet_m", in_chans=1, **IN_CHANS_ARCHS["tresnet_m"])
+    smartload.load(model, plain_checkpoints["tresnet_m"])
+    weight = torch.load(plain_checkpoints["tresnet_m"])["body.conv1.conv.weight"]
+    assert torch.equal(
+        model.body.conv1.conv.weight.detach(), weight.reshape(64, 16, 3, 3, 3).sum(2)
+    )
+
+
+@pytest.mark.parametrize(("saved", "in_chans"), [(1, 3), (4, 1)])
+def test_source_channels_timm_refuses_are_refused(
+    saved: int, in_chans: int, tmp_path: Path
+) -> None:
+    """A stem that does not hold the 3 channels pretrained_cfg declares: timm raises, so does
+    smartload, naming the key, and the model is untouched."""
+    path = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet", in_chans=saved).state_dict(), path)
+    with pytest.raises(RuntimeError, match="is inconsistent with input_size"):
+        timm_pretrained("test_resnet", path, seed=0, in_chans=in_chans)
+    model = timm.create_model("test_resnet", in_chans=in_chans)
+    before = snapshot(model)
+
+    with pytest.raises(smartload.IncompatibleCheckpointError) as caught:
+        smartload.load(model, path)
+
+    assert caught.value.mismatches == [("conv1.0.weight", (16, saved, 3, 3), (16, in_chans, 3, 3))]
+    assert_unchanged(model, before)

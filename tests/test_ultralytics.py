@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="smartload-yolo
 
 import pytest
 import torch
-from conftest import assert_same_tensors, snapshot
+from conftest import assert_same_tensors, assert_unchanged, snapshot
 from safetensors.torch import load_file
 from ultralytics import __version__ as ultralytics_version
 from ultralytics.cfg import get_cfg
@@ -29,23 +30,31 @@ from ultralytics.nn.tasks import (
     DetectionModel,
     PoseModel,
     SegmentationModel,
+    load_checkpoint,
 )
 from ultralytics.utils import ROOT, YAML
-from ultralytics.utils.torch_utils import convert_optimizer_state_dict_to_fp16, strip_optimizer
+from ultralytics.utils.torch_utils import (
+    convert_optimizer_state_dict_to_fp16,
+    intersect_dicts,
+    strip_optimizer,
+)
 
 import smartload
+from smartload.adapters import ultralytics as adapter
 
 COCO = [YAML.load(ROOT / "cfg/datasets/coco.yaml")["names"][i] for i in range(80)]
 MODELS = {
     "yolov8n.yaml": DetectionModel, "yolo11n.yaml": DetectionModel, "yolo26n.yaml": DetectionModel,
     "yolov5nu.yaml": DetectionModel, "yolo11n-seg.yaml": SegmentationModel,
     "yolo11n-pose.yaml": PoseModel, "yolo11n-cls.yaml": ClassificationModel,
+    "yolov8s.yaml": DetectionModel, "yolo11s.yaml": DetectionModel,
+    "yolov8n-seg.yaml": SegmentationModel, "yolo26n-seg.yaml": SegmentationModel,
 }  # fmt: skip
 
 
-def build(cfg: str, nc: int, seed: int) -> Any:
+def build(cfg: str, nc: int, seed: int, ch: int = 3) -> Any:
     torch.manual_seed(seed)
-    model = MODELS[cfg](cfg, nc=nc, verbose=False)
+    model = MODELS[cfg](cfg, ch=ch, nc=nc, verbose=False)
     with torch.no_grad():  # trained-looking BatchNorm statistics, so copies are visible
         for name, buf in model.named_buffers():
             if name.endswith(("running_mean", "running_var")):
@@ -222,9 +231,14 @@ def test_inspect_and_convert_without_ultralytics(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
     )
-    assert done.returncode == 0, done.stderr
+    from smartload.cli import EXIT_UNKNOWN
+
+    # readable and nothing run, but the module classes are globals smartload does not know
+    assert done.returncode == EXIT_UNKNOWN, done.stderr
     data = json.loads(done.stdout[done.stdout.index("{") :])
     assert data["safe"] is True and data["state_dict_path"] == ["model"]
+    assert data["verdict"] == "UNKNOWN"
+    assert "ultralytics.nn.modules.head.Detect" in data["unknown_globals"]
     assert data["module_tree"]["root"]["class"] == "ultralytics.nn.tasks.DetectionModel"
     assert data["module_tree"]["executed"] is False
     assert data["module_tree"]["class_names"] == COCO
@@ -293,5 +307,123 @@ def test_a_policy_keeps_its_key_when_the_branch_is_kept_initialised(tmp_path: Pa
     assert actions["model.22.cv3.0.2.bias"] == ("reinit-normal", "policy 'model.22.cv3.0.2.bias'")
     assert actions["model.22.cv3.1.2.bias"] == (
         "skip",
-        "class branch resized with the class count (c3 = max(ch0, min(nc, 100)) = 64): kept as initialised",
+        "class branch resized with the class count (c3 = max(ch0, min(nc, 100)) = 64): kept as "
+        "initialised; smartload.adapters.ultralytics.load rebuilds it at the checkpoint's width, "
+        "as ultralytics' own load does",
     )
+
+
+# (config, tensors ultralytics' own load copies whole, class-count layers): COCO into 3 classes
+LIKE_ULTRALYTICS = [
+    ("yolov8n.yaml", 349, 3), ("yolov8s.yaml", 349, 3), ("yolo11n.yaml", 493, 3),
+    ("yolo11s.yaml", 493, 3), ("yolov5nu.yaml", 421, 3), ("yolov8n-seg.yaml", 411, 3),
+    ("yolo11n-pose.yaml", 535, 3), ("yolo11n-cls.yaml", 234, 1),
+    ("yolo26n-seg.yaml", 830, 7),  # end-to-end: one2one_cv3 too; and proto.semseg
+]  # fmt: skip
+NEW = ["person", "car", "unicorn"]
+
+
+Coco = Callable[[str], tuple[Path, dict[str, torch.Tensor]]]
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory: pytest.TempPathFactory) -> Coco:
+    """``best.pt`` of an 80-class COCO model, and its weights, made once per config."""
+    made: dict[str, tuple[Path, dict[str, torch.Tensor]]] = {}
+
+    def get(cfg: str) -> tuple[Path, dict[str, torch.Tensor]]:
+        if cfg not in made:
+            source = build(cfg, 80, seed=1)
+            folder = tmp_path_factory.mktemp(cfg.removesuffix(".yaml"))
+            made[cfg] = (save_like_trainer(source, COCO, folder)[1], checkpoint_weights(source))
+        return made[cfg]
+
+    return get
+
+
+def ultralytics_load(cfg: str, best: Path, names: list[str], ch: int = 3) -> Any:
+    """ultralytics' own transfer, as its trainer runs it: names set, then ``model.load``."""
+    model = build(cfg, len(names), seed=2, ch=ch)
+    model.names = dict(enumerate(names))
+    weights, _ = load_checkpoint(best)
+    model.load(weights, verbose=False)
+    return model, intersect_dicts(weights.float().state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize(("cfg", "whole", "heads"), LIKE_ULTRALYTICS)
+def test_keeps_everything_ultralytics_own_load_keeps(
+    cfg: str, whole: int, heads: int, coco: Coco
+) -> None:
+    """Nano or small, detect, segment, pose or classify: every tensor ultralytics' own load
+    copies is smartload's too, and the rows of the classes kept by name."""
+    best, saved = coco(cfg)
+    reference, copied = ultralytics_load(cfg, best, NEW)
+    target = build(cfg, 3, seed=2)
+
+    report = adapter.load(target, best, target_classes=NEW)
+
+    got, expected = target.state_dict(), reference.state_dict()
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
+    assert len(copied) == whole and len(got) == whole + 2 * heads
+    for key in copied:
+        assert torch.equal(got[key], expected[key]), key
+    rows = [h.name for h in report.heads]
+    assert len(rows) == heads and {h.class_map for h in report.heads} == {(0, 2, None)}
+    for name in rows:
+        weight = got[f"{name}.weight"]
+        assert torch.equal(weight[:2], saved[f"{name}.weight"][[0, 2]]), name
+        if not name.endswith(".linear"):  # ultralytics remaps these rows by name too
+            assert torch.equal(weight[:2], expected[f"{name}.weight"][:2]), name
+        if "cv3." in name:  # and a new class starts as Detect.bias_init starts it
+            assert torch.equal(got[f"{name}.bias"], expected[f"{name}.bias"]), name
+    counts = {k: v for k, v in report.summary.items() if not k.endswith("_params")}
+    assert counts == {"copy": whole, "slice": 2 * heads, "reinit-normal": 0, "skip": 0, "unused": 0}
+
+
+@pytest.mark.parametrize("ch", [1, 2, 4])
+def test_first_conv_for_other_input_channels_as_ultralytics(ch: int, coco: Coco) -> None:
+    """A model built for 1, 2 or 4 input channels: every tensor as ultralytics' own load gives
+    it (filters summed for one channel, else the channels both have, the rest as initialised)."""
+    best, _ = coco("yolo11n.yaml")
+    reference, _ = ultralytics_load("yolo11n.yaml", best, COCO, ch=ch)
+    target = build("yolo11n.yaml", 80, seed=2, ch=ch)
+
+    report = smartload.load(target, best)
+
+    assert_same_tensors(target.state_dict(), reference.state_dict())
+    how = {
+        1: "filters summed",
+        2: "the first 2 channels",
+        4: "the first 3 channels, channels 3..3 kept as initialised",
+    }[ch]
+    entry = next(e for e in report.entries if e.key == "model.0.conv.weight")
+    assert (entry.action, entry.reason) == (
+        "copy",
+        f"input conv 3 → {ch} channels ({how}, as ultralytics' own load)",
+    )
+
+
+def test_rebuilt_branch_is_all_or_nothing(coco: Coco) -> None:
+    """A dry run or a failed load leaves the model's own modules and values; a load rebuilds
+    the 15 convs and norms of the branch, and the model runs."""
+    best, _ = coco("yolov8n.yaml")
+    target = build("yolov8n.yaml", 3, seed=2)
+    modules, before = list(target.modules()), snapshot(target)
+
+    dry = adapter.load(target, best, dry_run=True)
+    with pytest.raises(smartload.InvalidArgumentError, match="on_nonfinite must be one of"):
+        adapter.load(target, best, on_nonfinite="sometimes")
+
+    assert all(a is b for a, b in zip(target.modules(), modules, strict=True))
+    assert_unchanged(target, before)
+    assert (dry.dry_run, dry.summary["copy"], dry.summary["reinit-normal"]) == (True, 349, 6)
+    assert (
+        "class branch would be rebuilt (dry run) at the checkpoint's width, as ultralytics' own "
+        "load does: 15 modules are new objects (build the optimizer after loading)" in dry.notes
+    )
+    report = adapter.load(target, best)
+    assert report.summary["copy"] == 349
+    assert [seq[2].in_channels for seq in target.model[22].cv3] == [80, 80, 80]
+    target.eval()
+    with torch.no_grad():
+        assert target(torch.zeros(1, 3, 64, 64))[0].shape == (1, 4 + 3, 84)

@@ -20,10 +20,11 @@ New rows are initialised as detectron2 does: cls_score std 0.01, bbox_pred and m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without detectro
 from .._normalize import leaf_shape
 from .._records import ArrayRecord
 from .._tensors import Materializer
+from ..errors import CheckpointFormatError
 from . import Adapter, HeadRule
 
 __all__ = ["Detectron2Adapter", "SmartDetectionCheckpointer", "SmartLoadHook"]
@@ -139,34 +141,208 @@ class Detectron2Adapter(Adapter):
         detectron2 model-zoo ``.pkl`` files set ``matching_heuristics``; Caffe2/Detectron1 files
         (``{"blobs": ...}`` or a flat dict without ``__author__``) also need their names and
         heads converted (background row first → last). Both go through
-        ``align_and_update_state_dicts``, fed with shapes only where no value changes.
+        ``align_and_update_state_dicts``, fed with shapes only. The keys come from the file:
+        they are checked and bounded before detectron2's code sees them, and its failures are
+        :class:`CheckpointFormatError`.
         """
         caffe2 = "__author__" not in extras and all(
             isinstance(v, ArrayRecord) for v in tensors.values()
         )
         if not caffe2 and extras.get("matching_heuristics") != "True":
             return None
+        _check_keys(tensors)
         originals: dict[str, str] = {}
-        if caffe2:  # renames, and moves or drops background rows: needs the values
-            arrays = Materializer({})
-            values = {
-                k: arrays.tensor(v) for k, v in tensors.items() if not k.endswith("_momentum")
-            }
-            tensors, originals = convert_c2_detectron_names(values)
-        model_shapes = {k: _Named(k, _AnyShape(v.shape)) for k, v in model.state_dict().items()}
-        named = {k: _Named(k, leaf_shape(v)) for k, v in tensors.items()}
-        quiet = logging.getLogger("detectron2.checkpoint.c2_model_loading")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # its table of matches is what smartload's report says
-        try:
-            aligned = align_and_update_state_dicts(model_shapes, named, c2_conversion=False)
-        finally:
-            quiet.setLevel(level)
-        renamed = {new: value.key for new, value in aligned.items()}
+        if caffe2:
+            tensors, originals = _convert_caffe2(tensors)
+        with _detectron2_logs() as said:
+            aligned = _align(model, {k: _Named(k, leaf_shape(v)) for k, v in tensors.items()}, said)
         return (
-            {new: tensors[old] for new, old in renamed.items()},
-            {new: originals.get(old, old) for new, old in renamed.items()},
+            {new: tensors[old] for new, old in aligned.items()},
+            {new: originals.get(old, old) for new, old in aligned.items()},
         )
+
+
+# Bounds on what detectron2's name conversion is given: its cost grows with both (about 0.5 s at
+# the bounds). Published Detectron1 files hold a few hundred to ~1,500 blobs, names < 80 chars.
+MAX_KEYS = 10_000
+MAX_KEY_LENGTH = 256
+_WITHOUT_RENAMING = (
+    "adapter=GenericAdapter() (from smartload.adapters) to load it without detectron2's renaming"
+)
+_NOT_CONVERTED = (
+    "Nothing was loaded. Published detectron2 and Detectron1 files are far from this; pass "
+    f"{_WITHOUT_RENAMING}, and rename={{pattern: replacement}} for its names"
+)
+_NOT_PUBLISHED = (
+    "Nothing was loaded. The file is not a Detectron1 checkpoint as published: get the weights "
+    f"from detectron2's model zoo, or pass {_WITHOUT_RENAMING}"
+)
+
+
+def _check_keys(tensors: Mapping[str, Any]) -> None:
+    """Keys that detectron2's conversion can be run on: strings, not too many, not too long."""
+    if len(tensors) > MAX_KEYS:
+        raise CheckpointFormatError(
+            "",
+            f"{len(tensors)} tensors, more than the {MAX_KEYS} detectron2's name conversion is "
+            "run on",
+            _NOT_CONVERTED,
+        )
+    for key in tensors:
+        if type(key) is not str:
+            raise CheckpointFormatError(
+                "",
+                f"a tensor's name is a {type(key).__name__} ({key!r:.60}), not a string",
+                _NOT_PUBLISHED,
+            )
+        if len(key) > MAX_KEY_LENGTH:
+            raise CheckpointFormatError(
+                "",
+                f"tensor name {key[:60]!r}... is {len(key)} characters long, more than the "
+                f"{MAX_KEY_LENGTH} detectron2's name conversion is run on",
+                _NOT_CONVERTED,
+            )
+
+
+# The heads detectron2's Caffe2 conversion changes the values of (by their new names): their
+# background rows dropped (box and mask predictors) or moved from first to last (cls_score).
+_C2_HEADS = ("bbox_pred.", "mask_head.predictor.", "cls_score.")
+
+
+def _convert_caffe2(tensors: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """detectron2's ``convert_c2_detectron_names``, run on the names (with zero-byte stand-ins
+    of each tensor's rows), then on the values of the few heads whose rows it changes, once
+    per array: tensors that share an array in the file share it here too."""
+    blobs = {k: v for k, v in tensors.items() if not k.endswith("_momentum")}
+    stand_ins = {k: _stand_in(k, v) for k, v in blobs.items()}
+    with _detectron2_logs() as said:
+        try:
+            renamed, originals = convert_c2_detectron_names(stand_ins)
+        except Exception as exc:  # detectron2's code on names from the file
+            raise _conversion_error(stand_ins, exc, said) from exc
+        out: dict[str, Any] = {}
+        done: dict[tuple[int, str], torch.Tensor] = {}
+        for new in renamed:
+            old = originals[new]
+            head = next((h for h in _C2_HEADS if new.startswith(h)), None)
+            out[new] = blobs[old] if head is None else _head_rows(old, head, blobs[old], done)
+    return out, originals
+
+
+def _stand_in(key: str, leaf: ArrayRecord) -> torch.Tensor:
+    """A zero-byte tensor with the rows of ``leaf`` (one for a 0-d one): what the renaming
+    slices and concatenates, without the values."""
+    rows = leaf.shape[0] if leaf.shape else 1
+    if not all(0 <= d < 2**62 for d in leaf.shape):  # numpy allows (2**63, 0); torch does not
+        raise CheckpointFormatError(
+            "",
+            f"tensor {key!r} has shape {list(leaf.shape)}, which torch cannot hold",
+            _NOT_PUBLISHED,
+        )
+    return torch.empty((rows, 0))
+
+
+def _head_rows(
+    key: str, head: str, leaf: ArrayRecord, done: dict[tuple[int, str], torch.Tensor]
+) -> torch.Tensor:
+    """A head's values as detectron2's conversion makes them (its own code, on this key alone)."""
+    if not leaf.shape:
+        raise CheckpointFormatError(
+            "",
+            f"tensor {key!r} is 0-d, but detectron2 converts it as a class head (rows per class)",
+            _NOT_PUBLISHED,
+        )
+    if (id(leaf), head) not in done:  # one array in one kind of head: the same rows
+        converted, _ = convert_c2_detectron_names({key: Materializer({}).tensor(leaf)})
+        done[id(leaf), head] = next(iter(converted.values()))
+    return done[id(leaf), head]
+
+
+def _conversion_error(
+    stand_ins: Mapping[str, torch.Tensor], exc: Exception, said: list[str]
+) -> CheckpointFormatError:
+    """Name the key detectron2's conversion failed on: each key alone, or two that collide."""
+    names: dict[str, str] = {}
+    for key, value in stand_ins.items():
+        try:
+            (new,) = convert_c2_detectron_names({key: value})[0]
+        except Exception as single:
+            problem = f"{type(single).__name__}: {single}"
+            return CheckpointFormatError(
+                "",
+                f"detectron2's Caffe2 name conversion fails on tensor {key!r} ({problem})",
+                _NOT_PUBLISHED,
+            )
+        if new in names:
+            first, second = sorted((names[new], key))
+            return CheckpointFormatError(
+                "",
+                f"tensors {first!r} and {second!r} both become {new!r} in detectron2's Caffe2 "
+                "name conversion",
+                _NOT_PUBLISHED,
+            )
+        names[new] = key
+    detail = _detail(said, exc)
+    return CheckpointFormatError(
+        "", f"detectron2's Caffe2 name conversion failed ({detail})", _NOT_PUBLISHED
+    )
+
+
+def _align(model: torch.nn.Module, named: Mapping[str, _Named], said: list[str]) -> dict[str, str]:
+    """``{new name: name before}`` from ``align_and_update_state_dicts``. Only names that can
+    match a model key (the whole key, or a suffix of it after a dot) are given to it: the rest
+    would come back unchanged, and its matcher costs (model keys) × (names given)."""
+    model_keys = {k: _Named(k, _AnyShape(v.shape)) for k, v in model.state_dict().items()}
+    suffixes = {k.split(".", i)[-1] for k in model_keys for i in range(k.count(".") + 1)}
+    candidates = {k: v for k, v in named.items() if k in suffixes}
+    if not candidates:  # nothing to match (and detectron2's matcher fails on an empty list)
+        return {k: k for k in named}
+    try:
+        aligned = align_and_update_state_dicts(model_keys, candidates, c2_conversion=False)
+    except Exception as exc:  # detectron2's heuristics on names from the file
+        detail = _detail(said, exc)
+        raise CheckpointFormatError(
+            "",
+            f"detectron2's name matching refused the checkpoint ({detail})",
+            "Nothing was loaded. Pass rename={pattern: replacement} to give the keys the model's "
+            f"names, or {_WITHOUT_RENAMING}",
+        ) from exc
+    renamed = {new: value.key for new, value in aligned.items()}
+    renamed.update({k: k for k in named if k not in candidates})
+    return renamed
+
+
+def _detail(said: list[str], exc: Exception) -> str:
+    """What detectron2 logged before it raised (its exceptions say less), else the exception."""
+    return "; ".join(m.rstrip(".") for m in said[-3:]) or f"{type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def _detectron2_logs() -> Iterator[list[str]]:
+    """detectron2's matching logs at INFO a table of what smartload's report says anyway: kept
+    quiet, and its errors collected to explain a failure."""
+    said: list[str] = []
+    handler = _Collect(said)
+    quiet = logging.getLogger("detectron2.checkpoint.c2_model_loading")
+    level, propagate = quiet.level, quiet.propagate
+    quiet.setLevel(logging.ERROR)
+    quiet.propagate = False
+    quiet.addHandler(handler)
+    try:
+        yield said
+    finally:
+        quiet.removeHandler(handler)
+        quiet.setLevel(level)
+        quiet.propagate = propagate
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
 
 
 class _AnyShape(tuple):  # type: ignore[type-arg]
