@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ._gc import gc_paused
@@ -100,21 +101,23 @@ def load(
     All or nothing: on any error the model is unchanged. With ``dry_run`` nothing is read beyond
     the structure and the model is not touched. ``report_path`` receives the JSON report.
     """
-    with gc_paused():
-        plan = diff(
-            model,
-            checkpoint,
-            num_classes=num_classes,
-            class_map=class_map,
-            policies=policies,
-            ema=ema,
-            rename=rename,
-            state_dict_path=state_dict_path,
-            source_classes=source_classes,
-            target_classes=target_classes,
-            adapter=adapter,
-            allow_globals=allow_globals,
-        )
+    from .adapters import select_adapter
+
+    chosen = select_adapter(model, adapter)
+    planning: dict[str, Any] = {
+        "num_classes": num_classes,
+        "class_map": class_map,
+        "policies": policies,
+        "ema": ema,
+        "rename": rename,
+        "state_dict_path": state_dict_path,
+        "source_classes": source_classes,
+        "target_classes": target_classes,
+        "adapter": chosen,
+        "allow_globals": allow_globals,
+    }
+
+    def apply(plan: LoadPlan) -> None:
         if not dry_run:
             from ._apply import apply_plan
 
@@ -126,8 +129,47 @@ def load(
                 targets=plan.targets,  # the model was walked once, for the plan
                 device=device,
             )
+
+    with gc_paused():
+        plan = diff(model, checkpoint, **planning)
+        rebuilt = chosen.rebuild_modules(model, plan)
+        if not rebuilt:
+            apply(plan)
+        else:  # the framework's own loading replaces these modules: so does this one
+            previous = _swap_modules(model, rebuilt)
+            try:
+                plan = diff(model, checkpoint, **planning)
+                apply(plan)
+            except BaseException:
+                _swap_modules(model, previous)
+                raise
+            if dry_run:
+                _swap_modules(model, previous)
+            plan = replace(plan, notes=(*plan.notes, _rebuilt_note(chosen, rebuilt, dry_run)))
     report = LoadReport.from_plan(plan, dry_run=dry_run)
     if report_path is not None:
         report.save(report_path)
     logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
     return report
+
+
+def _swap_modules(
+    model: torch.nn.Module, modules: Mapping[str, torch.nn.Module]
+) -> dict[str, torch.nn.Module]:
+    """Put ``modules`` in place by dotted name; returns the ones they replaced."""
+    previous = {}
+    for name, module in modules.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        previous[name] = owner.get_submodule(child)
+        setattr(owner, child, module)
+    return previous
+
+
+def _rebuilt_note(adapter: Adapter, rebuilt: Mapping[str, Any], dry_run: bool) -> str:
+    done = "would be rebuilt (dry run)" if dry_run else "rebuilt"
+    return (
+        f"{len(rebuilt)} module(s) {done} at the checkpoint's shapes by the {adapter.name} "
+        "adapter, as the framework's own loading does: new objects, so build the optimizer "
+        f"after loading ({', '.join(sorted(rebuilt)[:4])}{' ...' if len(rebuilt) > 4 else ''})"
+    )

@@ -40,7 +40,6 @@ from ultralytics.utils.torch_utils import (
 )
 
 import smartload
-from smartload.adapters import ultralytics as adapter
 
 COCO = [YAML.load(ROOT / "cfg/datasets/coco.yaml")["names"][i] for i in range(80)]
 MODELS = {
@@ -109,7 +108,7 @@ def check_report_against_tensors(
             assert torch.equal(got[e.key], before[e.key]), e.key
 
 
-def test_coco_nano_detector_into_3_classes_keeps_the_resized_class_branch_initialised(
+def test_coco_nano_detector_into_3_classes_rebuilds_the_resized_class_branch(
     tmp_path: Path,
 ) -> None:
     source = build("yolov8n.yaml", 80, seed=1)
@@ -118,18 +117,29 @@ def test_coco_nano_detector_into_3_classes_keeps_the_resized_class_branch_initia
     target = build("yolov8n.yaml", 3, seed=2)
     before = snapshot(target)
 
+    # nano: the class branch is max(64, min(nc, 100)) wide: 80 channels for COCO, 64 for 3 classes
+    plan = smartload.diff(target, best, target_classes=["person", "car", "dog"])
+    counts = {k: v for k, v in plan.summary.items() if not k.endswith("_params")}
+    assert counts == {"copy": 319, "slice": 0, "reinit-normal": 0, "skip": 36, "unused": 0}
+    skipped = {e.key.split(".cv3.")[1].split(".")[0] for e in plan.entries if e.action == "skip"}
+    assert skipped == {"0", "1", "2"}
+    assert all(e.key.startswith("model.22.cv3.") for e in plan.entries if e.action == "skip")
+
+    # load rebuilds the branch at the checkpoint's width, as ultralytics' own load does
     report = smartload.load(target, best, target_classes=["person", "car", "dog"])
 
-    # nano: the class branch is max(64, min(nc, 100)) wide: 80 channels for COCO, 64 for 3 classes
     assert report.adapter == "ultralytics"
     counts = {k: v for k, v in report.summary.items() if not k.endswith("_params")}
-    assert counts == {"copy": 319, "slice": 0, "reinit-normal": 0, "skip": 36, "unused": 0}
-    skipped = {e.key.split(".cv3.")[1].split(".")[0] for e in report.entries if e.action == "skip"}
-    assert skipped == {"0", "1", "2"}
-    assert all(e.key.startswith("model.22.cv3.") for e in report.entries if e.action == "skip")
+    assert counts == {"copy": 349, "slice": 6, "reinit-normal": 0, "skip": 0, "unused": 0}
     assert [(h.name, h.old_classes, h.new_classes, h.class_map) for h in report.heads] == [
-        (f"model.22.cv3.{i}.2", 80, 3, None) for i in range(3)
+        (f"model.22.cv3.{i}.2", 80, 3, (0, 2, 16)) for i in range(3)
     ]
+    assert [seq[2].in_channels for seq in target.model[22].cv3] == [80, 80, 80]
+    assert report.notes[-1] == (
+        "15 module(s) rebuilt at the checkpoint's shapes by the ultralytics adapter, as the "
+        "framework's own loading does: new objects, so build the optimizer after loading "
+        "(model.22.cv3.0.0.bn, model.22.cv3.0.0.conv, model.22.cv3.0.1.bn, model.22.cv3.0.1.conv ...)"
+    )
     check_report_against_tensors(report, target, saved, before)
     # the backbone and the box branch exactly, from float16
     assert torch.equal(target.model[0].conv.weight, saved["model.0.conv.weight"])
@@ -301,15 +311,15 @@ def test_a_policy_keeps_its_key_when_the_branch_is_kept_initialised(tmp_path: Pa
     _, best = save_like_trainer(source, COCO, tmp_path)
     target = build("yolov8n.yaml", 3, seed=2)
 
-    report = smartload.load(target, best, policies={"model.22.cv3.0.2.bias": "reinit-normal"})
+    plan = smartload.diff(target, best, policies={"model.22.cv3.0.2.bias": "reinit-normal"})
 
-    actions = {e.key: (e.action, e.reason) for e in report.entries}
+    actions = {e.key: (e.action, e.reason) for e in plan.entries}
     assert actions["model.22.cv3.0.2.bias"] == ("reinit-normal", "policy 'model.22.cv3.0.2.bias'")
     assert actions["model.22.cv3.1.2.bias"] == (
         "skip",
         "class branch resized with the class count (c3 = max(ch0, min(nc, 100)) = 64): kept as "
-        "initialised; smartload.adapters.ultralytics.load rebuilds it at the checkpoint's width, "
-        "as ultralytics' own load does",
+        "initialised unless smartload.load can rebuild the branch at the checkpoint's width, as "
+        "ultralytics' own load does",
     )
 
 
@@ -360,7 +370,7 @@ def test_keeps_everything_ultralytics_own_load_keeps(
     reference, copied = ultralytics_load(cfg, best, NEW)
     target = build(cfg, 3, seed=2)
 
-    report = adapter.load(target, best, target_classes=NEW)
+    report = smartload.load(target, best, target_classes=NEW)
 
     got, expected = target.state_dict(), reference.state_dict()
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
@@ -410,18 +420,18 @@ def test_rebuilt_branch_is_all_or_nothing(coco: Coco) -> None:
     target = build("yolov8n.yaml", 3, seed=2)
     modules, before = list(target.modules()), snapshot(target)
 
-    dry = adapter.load(target, best, dry_run=True)
+    dry = smartload.load(target, best, dry_run=True)
     with pytest.raises(smartload.InvalidArgumentError, match="on_nonfinite must be one of"):
-        adapter.load(target, best, on_nonfinite="sometimes")
+        smartload.load(target, best, on_nonfinite="sometimes")
 
     assert all(a is b for a, b in zip(target.modules(), modules, strict=True))
     assert_unchanged(target, before)
     assert (dry.dry_run, dry.summary["copy"], dry.summary["reinit-normal"]) == (True, 349, 6)
-    assert (
-        "class branch would be rebuilt (dry run) at the checkpoint's width, as ultralytics' own "
-        "load does: 15 modules are new objects (build the optimizer after loading)" in dry.notes
+    assert dry.notes[-1].startswith(
+        "15 module(s) would be rebuilt (dry run) at the checkpoint's shapes by the ultralytics "
+        "adapter"
     )
-    report = adapter.load(target, best)
+    report = smartload.load(target, best)
     assert report.summary["copy"] == 349
     assert [seq[2].in_channels for seq in target.model[22].cv3] == [80, 80, 80]
     target.eval()

@@ -81,6 +81,13 @@ class Adapter:
         policy names the key."""
         return None
 
+    def rebuild_modules(self, model: torch.nn.Module, plan: Any) -> dict[str, torch.nn.Module]:
+        """Modules to put in place before loading, by name, when the framework's own loading
+        replaces them (ultralytics rebuilds a class branch at the checkpoint's width). Asked after
+        planning (``plan`` is the :class:`~smartload.LoadPlan`); :func:`smartload.load` swaps them
+        in, plans again and puts the old ones back on any error and on a dry run."""
+        return {}
+
 
 class GenericAdapter(Adapter):
     """Any ``nn.Module``: its last ``nn.Linear`` is taken to be the classifier."""

@@ -11,7 +11,9 @@ The hidden convs of the class branch are ``c3 = max(ch[0], min(nc, 100))`` chann
 models (nano: ``ch[0] = 64``) the width itself changes with the class count (80 classes: 80 channels;
 3 classes: 64). ``smartload.load`` copies into the model's own parameters, so there the branch keeps
 the model's initialisation and the report says why. ultralytics' own ``BaseModel.load`` (8.4)
-instead rebuilds the branch at the checkpoint's width and copies it; :func:`load` does the same.
+instead rebuilds the branch at the checkpoint's width and copies it; so does ``smartload.load``,
+through :meth:`UltralyticsAdapter.rebuild_modules` (new module objects: build the optimizer after
+loading).
 
 The first conv (``model.0.conv``) of a model built for other input channels is adapted as
 ultralytics' own load adapts it: RGB filters summed for one channel, else the channels both have.
@@ -19,22 +21,19 @@ ultralytics' own load adapts it: RGB filters summed for one channel, else the ch
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from . import Adapter, Conversion, HeadRule
 
 if TYPE_CHECKING:
-    import os
 
     import torch
 
-    from .._report import LoadPlan, LoadReport
+    from .._report import LoadPlan
 
-__all__ = ["UltralyticsAdapter", "load"]
+__all__ = ["UltralyticsAdapter"]
 
 _BRANCHES = ("cv3", "one2one_cv3")
 _RESIZED = "class branch resized with the class count"
@@ -43,11 +42,11 @@ _RESIZED = "class branch resized with the class count"
 class UltralyticsAdapter(Adapter):
     name = "ultralytics"
 
-    def __init__(self, notes: Sequence[str] = ()) -> None:
-        self.notes = tuple(notes)
-
     def head_rules(self, model: torch.nn.Module) -> list[HeadRule]:
         return [_rule(name, conv, bias) for name, conv, bias in _class_convs(model)]
+
+    def rebuild_modules(self, model: torch.nn.Module, plan: Any) -> dict[str, torch.nn.Module]:
+        return _rebuilt_modules(model, plan)
 
     def num_classes(self, model: torch.nn.Module) -> int | None:
         found = _head(model)
@@ -86,52 +85,10 @@ class UltralyticsAdapter(Adapter):
         if c3 is None:
             return None
         return (
-            f"{_RESIZED} (c3 = max(ch0, min(nc, 100)) = {c3}): kept as initialised; "
-            "smartload.adapters.ultralytics.load rebuilds it at the checkpoint's width, "
-            "as ultralytics' own load does"
+            f"{_RESIZED} (c3 = max(ch0, min(nc, 100)) = {c3}): kept as initialised "
+            "unless smartload.load can rebuild the branch at the checkpoint's width, as "
+            "ultralytics' own load does"
         )
-
-
-def load(
-    model: torch.nn.Module,
-    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
-    **keywords: Any,
-) -> LoadReport:
-    """:func:`smartload.load` after rebuilding, as ultralytics' own ``load`` does, every class
-    branch whose width follows the class count at the checkpoint's width, so its hidden convs
-    are copied too (a nano COCO model into 3 classes: 355 of 355 tensors, not 319).
-
-    Takes the keywords of :func:`smartload.load`. The rebuilt modules are new ``Conv2d`` and
-    ``BatchNorm2d`` objects (the model's device, dtype, training mode and ``requires_grad``):
-    build the optimizer after loading. On any error, and with ``dry_run``, the model keeps its
-    own modules.
-    """
-    import smartload
-
-    known = inspect.signature(smartload.diff).parameters
-    plan = smartload.diff(model, checkpoint, **{k: v for k, v in keywords.items() if k in known})
-    rebuilt = _rebuilt_modules(model, plan)
-    if not rebuilt:
-        return smartload.load(model, checkpoint, **keywords)
-    if keywords.get("adapter") is None:
-        keywords["adapter"] = UltralyticsAdapter(notes=[_rebuild_note(rebuilt, keywords)])
-    previous = _swap(model, rebuilt)
-    try:
-        report = smartload.load(model, checkpoint, **keywords)
-    except BaseException:
-        _swap(model, previous)
-        raise
-    if keywords.get("dry_run"):
-        _swap(model, previous)
-    return report
-
-
-def _rebuild_note(rebuilt: Mapping[str, torch.nn.Module], keywords: Mapping[str, Any]) -> str:
-    would = "would be rebuilt (dry run)" if keywords.get("dry_run") else "rebuilt"
-    return (
-        f"class branch {would} at the checkpoint's width, as ultralytics' own load does: "
-        f"{len(rebuilt)} modules are new objects (build the optimizer after loading)"
-    )
 
 
 def _rebuilt_modules(model: torch.nn.Module, plan: LoadPlan) -> dict[str, torch.nn.Module]:
@@ -196,19 +153,6 @@ def _resized(
         for param in new.parameters():
             param.requires_grad_(like.requires_grad)
     return new.train(module.training)
-
-
-def _swap(
-    model: torch.nn.Module, modules: Mapping[str, torch.nn.Module]
-) -> dict[str, torch.nn.Module]:
-    """Put ``modules`` in place by name; returns the ones they replaced."""
-    previous = {}
-    for name, module in modules.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        previous[name] = parent.get_submodule(child)
-        setattr(parent, child, module)
-    return previous
 
 
 def _first_conv(weight: torch.Tensor, given: int, wanted: int) -> Conversion:
