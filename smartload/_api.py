@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ._gc import gc_paused
-from ._report import LoadPlan, LoadReport
+from ._report import JsonFile, LoadPlan, LoadReport
 
 if TYPE_CHECKING:
     import torch
@@ -130,27 +130,48 @@ def load(
                 device=device,
             )
 
-    with gc_paused():
-        plan = diff(model, checkpoint, **planning)
-        rebuilt = chosen.rebuild_modules(model, plan)
-        if not rebuilt:
-            apply(plan)
-        else:  # the framework's own loading replaces these modules: so does this one
-            previous = _swap_modules(model, rebuilt)
-            try:
-                plan = diff(model, checkpoint, **planning)
-                apply(plan)
-            except BaseException:
-                _swap_modules(model, previous)
-                raise
-            if dry_run:
-                _swap_modules(model, previous)
-            plan = replace(plan, notes=(*plan.notes, _rebuilt_note(chosen, rebuilt, dry_run)))
+    # an unwritable report_path fails here, before the model is touched
+    destination = JsonFile(report_path) if report_path is not None else None
+    try:
+        with gc_paused():
+            plan = _plan_and_apply(model, checkpoint, chosen, planning, apply, dry_run)
+    except BaseException:
+        if destination is not None:
+            destination.discard()
+        raise
     report = LoadReport.from_plan(plan, dry_run=dry_run)
-    if report_path is not None:
-        report.save(report_path)
+    if destination is not None:
+        destination.write(report.to_dict())
     logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
     return report
+
+
+def _plan_and_apply(
+    model: torch.nn.Module,
+    checkpoint: Any,
+    adapter: Adapter,
+    planning: Mapping[str, Any],
+    apply: Callable[[LoadPlan], None],
+    dry_run: bool,
+) -> LoadPlan:
+    """Plan, let the adapter rebuild modules its framework's loading would replace (then plan
+    again with them in place), and apply. On any error, and on a dry run, the model keeps its
+    own modules."""
+    plan = diff(model, checkpoint, **planning)
+    rebuilt = adapter.rebuild_modules(model, plan)
+    if not rebuilt:
+        apply(plan)
+        return plan
+    previous = _swap_modules(model, rebuilt)
+    try:
+        plan = diff(model, checkpoint, **planning)
+        apply(plan)
+    except BaseException:
+        _swap_modules(model, previous)
+        raise
+    if dry_run:
+        _swap_modules(model, previous)
+    return replace(plan, notes=(*plan.notes, _rebuilt_note(adapter, rebuilt, dry_run)))
 
 
 def _swap_modules(

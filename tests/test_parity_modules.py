@@ -416,3 +416,18 @@ def test_timm_gemma4_clip_bounds_are_not_divergence(tmp_path: Path) -> None:
     torch.save(state, path)
     with pytest.raises(smartload.CheckpointFormatError, match=r"q_proj\.linear\.weight \(1 NaN\)"):
         smartload.load(make(), path)
+
+
+def test_unwritable_report_path_fails_before_the_model_is_touched(tmp_path: Path) -> None:
+    """The report's file is made before loading: a path that cannot be written is an error with
+    the model unchanged, never a loaded model and a lost report."""
+    path = tmp_path / "ckpt.pth"
+    torch.save(nn.Linear(4, 2).state_dict(), path)
+    (tmp_path / "file").write_text("not a folder")
+    model = nn.Linear(4, 2)
+    before = snapshot(model)
+    with pytest.raises(OSError):
+        smartload.load(model, path, report_path=tmp_path / "file" / "report.json")
+    assert_unchanged(model, before)
+    smartload.load(model, path, report_path=tmp_path / "out" / "report.json")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
