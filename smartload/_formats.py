@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NamedTuple
 
 from ._gc import gc_paused
+from ._hostile_scan import refuse_if_hostile
 from ._records import DTYPE_ITEMSIZE, MAX_NDIM, MAX_NUMEL, Refused, StorageRef, TensorRecord, brief
 from ._unpickler import Marker, is_stand_in_class, marker, refuse_unsupported_tensor, unpickle
 from .errors import CheckpointFormatError
@@ -67,13 +68,24 @@ def read(
 ) -> RawCheckpoint:
     """Read a checkpoint file or directory's structure. See the module docstring."""
     with gc_paused():
-        return _read(os.fspath(path), symbolic, frozenset(allow_globals))
+        try:
+            return _read(os.fspath(path), symbolic, frozenset(allow_globals))
+        except CheckpointFormatError as exc:  # a hostile global anywhere is reported first
+            refuse_if_hostile(os.fspath(path), exc, frozenset(allow_globals))
+            raise
 
 
-def _read(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
-    if os.path.isdir(path):
-        return _read_directory(path, symbolic, allow)
-    st = _regular_file(path)
+# the directories and shard indexes being read, outermost first: (real path, path as named)
+_Trail = tuple[tuple[str, str], ...]
+
+
+def _read(path: str, symbolic: bool, allow: frozenset[str], trail: _Trail = ()) -> RawCheckpoint:
+    """Read ``path``, reached through the directories and shard indexes of ``trail``."""
+    st = _stat(path)
+    trail = _enter(path, trail)
+    if stat.S_ISDIR(st.st_mode):
+        return _read_directory(path, symbolic, allow, trail)
+    _check_regular(path, st)
     if st.st_size == 0:
         raise CheckpointFormatError(path, "empty file (0 bytes)", "The download or save failed")
     with open(path, "rb") as f:
@@ -84,22 +96,74 @@ def _read(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
     if kind == "safetensors":
         return _read_safetensors(path)
     if kind == "index":
-        return _read_index(path, symbolic, allow)
+        return _read_index(path, symbolic, allow, trail)
     return _read_pickle(path, symbolic, allow)
 
 
-def _regular_file(path: str) -> os.stat_result:
-    """stat ``path``, refusing what is not a regular file (a FIFO would block a read for ever)."""
+_MAX_NESTING = 8  # directories and shard indexes leading to one another: real ones nest 2 deep
+
+
+def _enter(path: str, trail: _Trail) -> _Trail:
+    """``trail`` and ``path``, refusing a path that leads back to one of ``trail`` (an index
+    naming itself, two naming each other) or that nests too deep. Errors name the outermost
+    path, the one the caller gave."""
+    real = _realpath(path)
+    if real in {seen for seen, _ in trail}:
+        problem = (
+            "names itself as a shard"
+            if real == trail[-1][0]
+            else f"names {path}, which is already being read (shard indexes naming each other)"
+        )
+        if len(trail) > 1:  # named by a file the caller did not name: say which
+            problem = f"{trail[-1][1]} {problem}"
+        raise CheckpointFormatError(trail[0][1], problem, _NESTING_HINT)
+    if len(trail) >= _MAX_NESTING:
+        raise CheckpointFormatError(
+            trail[0][1],
+            f"shard indexes or directories nested more than {_MAX_NESTING} deep (at {path})",
+            _NESTING_HINT,
+        )
+    return (*trail, (real, path))
+
+
+_NESTING_HINT = "The shards of an index must be weights files; regenerate the index"
+
+
+def _realpath(path: str, index: str = "") -> str:
+    """``os.path.realpath``, which recurses once per link in Python < 3.13: a chain of 1,500
+    links is refused here rather than overflowing the stack (naming ``index``, for a shard)."""
     try:
-        st = os.stat(path)
+        return os.path.realpath(path)
+    except (OSError, RecursionError):
+        problem = "cannot resolve its symbolic links (a loop, or a chain too long)"
+        if index:
+            shard = brief(os.path.basename(path))
+            raise CheckpointFormatError(index, f"shard {shard}: {problem}") from None
+        raise CheckpointFormatError(path, problem) from None
+
+
+def _stat(path: str) -> os.stat_result:
+    """stat ``path`` (the kernel refuses a chain or loop of more than 40 symbolic links)."""
+    try:
+        return os.stat(path)
     except FileNotFoundError:
         raise CheckpointFormatError(path, "no such file or directory") from None
     except OSError as exc:
         raise CheckpointFormatError(path, f"cannot stat: {exc.strerror}") from None
+
+
+def _check_regular(path: str, st: os.stat_result) -> None:
+    """Refuse what is not a regular file (a FIFO would block a read for ever)."""
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointFormatError(
             path, "not a regular file (a device, FIFO or socket)", "Pass the checkpoint file itself"
         )
+
+
+def _regular_file(path: str) -> os.stat_result:
+    """stat ``path``, refusing what is not a regular file."""
+    st = _stat(path)
+    _check_regular(path, st)
     return st
 
 
@@ -607,16 +671,21 @@ _DIRECTORY_CANDIDATES = (
 )
 
 
-def _read_directory(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
+def _read_directory(
+    path: str, symbolic: bool, allow: frozenset[str], trail: _Trail
+) -> RawCheckpoint:
     for name in _DIRECTORY_CANDIDATES:
         candidate = os.path.join(path, name)
         if os.path.isfile(candidate):
-            return read(candidate, symbolic=symbolic, allow_globals=allow)
-    names = sorted(os.listdir(path))
+            return _read(candidate, symbolic, allow, trail)
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise CheckpointFormatError(path, f"cannot list the directory: {exc.strerror}") from None
     for suffix in (".safetensors.index.json", ".safetensors", ".bin.index.json"):
         found = [n for n in names if n.endswith(suffix)]
         if len(found) == 1:
-            return read(os.path.join(path, found[0]), symbolic=symbolic, allow_globals=allow)
+            return _read(os.path.join(path, found[0]), symbolic, allow, trail)
     raise CheckpointFormatError(
         path,
         f"a directory without a checkpoint smartload recognises (contains: {', '.join(names[:8])})",
@@ -625,7 +694,7 @@ def _read_directory(path: str, symbolic: bool, allow: frozenset[str]) -> RawChec
     )
 
 
-def _read_index(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoint:
+def _read_index(path: str, symbolic: bool, allow: frozenset[str], trail: _Trail) -> RawCheckpoint:
     try:
         with open(path, "rb") as f:
             index = json.loads(f.read(_SAFETENSORS_MAX_HEADER + 1))
@@ -636,7 +705,7 @@ def _read_index(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoi
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointFormatError(path, "a JSON file without a str → str 'weight_map'")
-    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    folder = _realpath(os.path.dirname(os.path.abspath(path)))
     shards: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
         shards.setdefault(shard, []).append(key)
@@ -645,7 +714,7 @@ def _read_index(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoi
     globals_: list[str] = []
     formats = set()
     for shard, keys in shards.items():
-        shard_path = os.path.realpath(os.path.join(folder, shard))
+        shard_path = _realpath(os.path.join(folder, shard), index=path)
         if os.path.isabs(shard) or os.path.dirname(shard_path) != folder:
             raise CheckpointFormatError(
                 path,
@@ -658,7 +727,7 @@ def _read_index(path: str, symbolic: bool, allow: frozenset[str]) -> RawCheckpoi
         part = (
             _read_safetensors(shard_path, key_prefix=f"{shard}:")
             if shard.endswith(".safetensors")
-            else read(shard_path, symbolic=symbolic, allow_globals=allow)
+            else _read(shard_path, symbolic, allow, trail)
         )
         formats.add(part.format)
         flat = part.tree

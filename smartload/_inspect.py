@@ -8,15 +8,20 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ._formats import read
 from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape
 from ._records import DTYPE_ITEMSIZE, TensorRecord
-from ._unpickler import inert_globals
+from ._unpickler import inert_globals, unknown_globals
 
-__all__ = ["CheckpointInfo", "TensorInfo", "inspect"]
+__all__ = ["CheckpointInfo", "TensorInfo", "Verdict", "inspect"]
+
+# SAFE: every global the file names is known to be data; UNKNOWN: it names globals smartload does
+# not know (kept inert; nothing was run); UNSAFE: it names a known-dangerous callable. An UNSAFE
+# file raises UnsafeCheckpointError, so a CheckpointInfo is SAFE or UNKNOWN.
+Verdict = Literal["SAFE", "UNKNOWN", "UNSAFE"]
 
 # Keys that are classifier/detector heads in the frameworks users load from:
 # (pattern, rows the background class adds, rows per class, what it is).
@@ -67,10 +72,27 @@ class CheckpointInfo:
     extras: Mapping[str, str] = field(default_factory=dict)
     globals: tuple[str, ...] = ()
     inert_globals: tuple[str, ...] = ()
+    unknown_globals: tuple[str, ...] = ()  # inert globals not known to be data
     metadata: Mapping[str, str] = field(default_factory=dict)
     heads: tuple[HeadGuess, ...] = ()
     shared_storages: int = 0  # storages that more than one tensor views
     module_tree: ModuleTree | None = None  # a whole-model pickle's modules (never executed)
+
+    @property
+    def verdict(self) -> Verdict:
+        return "UNKNOWN" if self.unknown_globals else "SAFE"
+
+    @property
+    def verdict_reason(self) -> str:
+        """The verdict in words, naming what an UNKNOWN file names."""
+        if not self.unknown_globals:
+            return "every global the file names is known to be data; nothing in it can run"
+        n = len(self.unknown_globals)
+        shown = ", ".join(self.unknown_globals[:8]) + (f", ... {n - 8} more" if n > 8 else "")
+        return (
+            f"names {n} global{'s' if n > 1 else ''} smartload does not know ({shown}); "
+            "nothing was run; `torch.load` without weights_only would import them"
+        )
 
     @property
     def num_tensors(self) -> int:
@@ -96,7 +118,9 @@ class CheckpointInfo:
         return {
             "path": self.path,
             "format": self.format,
-            "safe": True,
+            "safe": True,  # nothing hostile: the verdict is SAFE or UNKNOWN
+            "verdict": self.verdict,
+            "unknown_globals": list(self.unknown_globals),
             "state_dict_path": list(self.state_dict_path),
             "other_state_dicts": [list(p) for p in self.other_state_dicts],
             "num_tensors": self.num_tensors,
@@ -125,8 +149,11 @@ def inspect(
 ) -> CheckpointInfo:
     """Describe the checkpoint at ``path`` without reading tensor data or running anything.
 
-    Raises :class:`UnsafeCheckpointError` (``.globals`` lists every offending global) for a
-    hostile file and :class:`CheckpointFormatError` for one that cannot be read.
+    ``.verdict`` is SAFE when every global the file names is known to be data, UNKNOWN when
+    some are not (``.unknown_globals``; kept inert, nothing run). Raises
+    :class:`UnsafeCheckpointError` (``.globals`` lists every offending global) for a hostile
+    file, the UNSAFE verdict, ahead of anything else wrong with it, and
+    :class:`CheckpointFormatError` for one that cannot be read.
     """
     raw = read(path, symbolic=True)
     choice = choose_state_dict(
@@ -157,6 +184,7 @@ def inspect(
         extras=describe_extras(raw.tree, (sd_path, *others)),
         globals=tuple(raw.globals),
         inert_globals=tuple(inert_globals(raw.globals)),
+        unknown_globals=tuple(unknown_globals(raw.globals)),
         metadata=raw.metadata,
         heads=tuple(_guess_heads(tensors)),
         shared_storages=sum(1 for n in storages.values() if n > 1),

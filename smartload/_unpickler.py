@@ -22,8 +22,11 @@ refuses any other construction inside it.
 
 Since the pickle can only call what ``find_class`` returned, no code from the file can run. Globals
 on the hostile list (``os.system``, ``builtins.eval``, ``importlib``, ``functools.partial`` ...)
-are recorded and the whole file is refused, listing every one of them. What the calls and BUILDs
-copy out of the pickle's lists and dicts is bounded by the pickle's size (:class:`_CopyBudget`).
+are recorded and the whole file is refused, listing every one of them. What builders and
+stand-ins make in proportion to what they are given (a snapshot of a list, a dict given by BUILD,
+a string's bytes) is charged to a budget proportional to the pickle's size (:class:`_CopyBudget`),
+and what can be shared is made once, so that a small file referencing one big object many times
+stays small.
 
 Two modes share this code: *symbolic* (``inspect``: array bytes are dropped, problems collected)
 and *materialize* (``load``: array bytes kept, the first problem raises).
@@ -32,6 +35,7 @@ and *materialize* (``load``: array bytes kept, the first problem raises).
 from __future__ import annotations
 
 import _compat_pickle
+import codecs
 import io
 import math
 import mmap
@@ -42,7 +46,7 @@ from collections.abc import Callable, Iterable
 from operator import mul
 from typing import Any, BinaryIO, NoReturn
 
-from ._hostile import hostile_reason, is_plain_data
+from ._hostile import hostile_reason, is_known_data, is_plain_data
 from ._records import (
     DTYPE_ITEMSIZE,
     MAX_NDIM,
@@ -62,11 +66,14 @@ from .errors import CheckpointFormatError, UnsafeCheckpointError
 
 __all__ = [
     "Marker",
+    "hostile_names",
     "inert_globals",
     "is_stand_in_class",
     "marker",
     "refuse_unsupported_tensor",
+    "unknown_globals",
     "unpickle",
+    "walk_names",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -112,28 +119,41 @@ class Marker(_NoBuild):
 
 
 class _CopyBudget:
-    """How many references the pickle may still have copied out of its lists and dicts.
+    """The bytes the builders and stand-ins may still materialise for one pickle.
 
-    A list memoized once can be passed to a million calls at 4 bytes each; copying it for every
-    call would turn a small file into terabytes. Honest pickles copy what they hold once or twice,
-    so the budget is a multiple of the pickle's size in bytes (set once the prescan has it).
+    A pickle makes one object per opcode, or a few, so what a builder makes in a fixed size per
+    call is bounded by the pickle's length already. What it makes in proportion to an argument
+    (a snapshot of a list, a copy of a dict, the bytes of a string) is not: one big object
+    memoized once and referenced by a million 5-byte calls would turn a small file into
+    terabytes. Each builder that makes such an object charges its size here, and what can be
+    shared instead (a string's latin1 bytes) is made once per object, not once per reference.
+    Honest pickles copy what they hold once or twice; the budget is :data:`_BUDGET_PER_BYTE`
+    bytes per byte of the pickle, plus :data:`_BUDGET_FLOOR` (set once the prescan has its size).
     """
 
-    __slots__ = ("left",)
+    __slots__ = ("left", "limit")
 
     def __init__(self) -> None:
-        self.left = 0
+        self.left = self.limit = 0
 
-    def charge(self, count: int, what: str) -> None:
-        self.left -= count
+    def allow(self, pickle_bytes: int) -> None:
+        self.left = self.limit = _BUDGET_PER_BYTE * pickle_bytes + _BUDGET_FLOOR
+
+    def charge(self, nbytes: int, what: str) -> None:
+        self.left -= nbytes
         if self.left < 0:
             raise Refused(
-                f"{what} copy more items than {_COPIES_PER_BYTE} per byte of the pickle (the "
-                "same list or dict passed again and again would fill memory)"
+                f"{what} would materialise more than {self.limit:,} bytes ({_BUDGET_PER_BYTE} "
+                f"per byte of the pickle + {_BUDGET_FLOOR >> 20} MiB): the same object is "
+                "copied again and again"
             )
 
 
-_COPIES_PER_BYTE = 4
+_BUDGET_PER_BYTE = 32
+_BUDGET_FLOOR = 64 << 20
+# what a copy costs, in bytes (CPython's sizes, rounded): a reference, a dict entry
+_REF_BYTES = 8
+_ENTRY_BYTES = 40
 
 
 class _StateDict(dict):  # type: ignore[type-arg]
@@ -156,9 +176,14 @@ class _StandInType(type):
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         obj = cls.__new__(cls)  # type: ignore[call-overload]
-        # as they were at the call: the pickle may fill a list after passing it (set(L) copies L)
-        cls.budget.charge(sum(len(a) for a in args if type(a) is list), f"calls of {cls.qualname}")
-        obj.record.args = tuple(list(a) if type(a) is list else a for a in args)
+        what = f"calls of {cls.qualname}"
+        cls.budget.charge(_REF_BYTES * len(args), what)  # before walking them
+        if list in map(type, args):
+            # as they were at the call: the pickle may fill a list after passing it (set(L)
+            # copies L)
+            cls.budget.charge(_REF_BYTES * sum(len(a) for a in args if type(a) is list), what)
+            args = tuple(list(a) if type(a) is list else a for a in args)
+        obj.record.args = args
         obj.record.called = True
         if cls.calls is not None and len(cls.calls) < 100:
             shown = ", ".join(brief(a, limit=200) for a in args[:6])
@@ -187,7 +212,9 @@ class _StandInBuild:
             # a copy, as __setstate__/__dict__.update take one: changes the pickle makes to the
             # dict after BUILD do not reach the object
             if isinstance(state, dict):
-                type(obj).budget.charge(len(state), f"BUILDs of {obj.record.qualname}")
+                type(obj).budget.charge(
+                    _ENTRY_BYTES * len(state), f"BUILDs of {obj.record.qualname}"
+                )
                 state = dict(state)
             obj.record.state = state
             obj.record.builds += 1
@@ -196,10 +223,12 @@ class _StandInBuild:
 
 
 class _StandInBase(metaclass=_StandInType):
+    __slots__ = ("record",)
     record: StandIn
     __setstate__ = _StandInBuild()
 
     def __new__(cls, *args: Any) -> Any:  # NEWOBJ
+        cls.budget.charge(_REF_BYTES * len(args), f"NEWOBJs of {cls.qualname}")
         obj = object.__new__(cls)
         obj.record = StandIn(cls.qualname, args)
         return obj
@@ -248,25 +277,20 @@ class _Unpickler(pickle.Unpickler):
     # -- called by the pickle machine ---------------------------------------------------------
 
     def find_class(self, module: str, name: str) -> Any:
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        qualname = f"{module}.{name}"
+        qualname, name = _qualname(module, name)
         self.globals_seen.setdefault(qualname, None)
-        if "." in name:
-            self._hostile(qualname, f"dotted global name {name!r} (attribute lookup)")
-            return self._stand_in_type(qualname, hostile=True)
-        # exact names that run nothing from the file, ahead of the hostile list: torch.cuda's
-        # storage types (tensors saved from a GPU before torch 1.0) and torch.serialization.
-        # _get_layout (sparse tensors, refused with a reason) sit under hostile prefixes
-        known = self._builders.get(qualname) or marker(qualname)
-        if known is not None:
-            return known
-        if (reason := hostile_reason(qualname)) is not None and qualname not in self.allow_globals:
+        if (reason := _hostility(qualname, name, self.allow_globals)) is not None:
             self._hostile(qualname, reason)
             return self._stand_in_type(qualname, hostile=True)
-        return self._stand_in_type(qualname)
+        return self._builders.get(qualname) or marker(qualname) or self._stand_in_type(qualname)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def note_named(self, named: Iterable[tuple[str, str]]) -> None:
+        """Judge the globals the pre-scan found the pickle naming, before anything is built, so
+        that a hostile one is reported whatever else goes wrong (and wherever it sits)."""
+        for qualname, reason in hostile_names(named, self.allow_globals):
+            self._hostile(qualname, reason)
 
     def _hostile(self, qualname: str, reason: str) -> None:
         if qualname not in self.hostile:
@@ -282,10 +306,49 @@ class _Unpickler(pickle.Unpickler):
                 "qualname": qualname,
                 "calls": self.calls if hostile else None,
                 "budget": self.budget,
+                "__slots__": (),  # one object per call or NEWOBJ: no __dict__ each
             }
             cls = _StandInType(qualname.rpartition(".")[2], (_StandInBase,), attrs)
             self._types[qualname] = cls
         return cls
+
+
+def _qualname(module: str, name: str) -> tuple[str, str]:
+    """``(module.name, name)`` under Python 3's names (``__builtin__.eval`` is builtins.eval)."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{name}", name
+
+
+def hostile_names(
+    named: Iterable[tuple[str, str]], allowed: frozenset[str]
+) -> list[tuple[str, str]]:
+    """``(qualname, reason)`` of each hostile global among ``(module, name)`` pairs, once each."""
+    found: dict[str, str] = {}
+    for module, name in named:
+        qualname, name = _qualname(module, name)
+        if qualname not in found and (reason := _hostility(qualname, name, allowed)) is not None:
+            found[qualname] = reason
+    return list(found.items())
+
+
+def walk_names(data: Any, start: int, named: list[tuple[str, str]]) -> int:
+    """Pre-scan the pickle at ``data[start:]`` (bytes or mmap), appending to ``named`` the
+    ``(module, name)`` of each global it names; returns the offset after its STOP. Raises
+    :class:`Refused` or ValueError where it cannot go on (``named`` holds those before)."""
+    return _walk(data, start, named)
+
+
+def _hostility(qualname: str, name: str, allowed: frozenset[str]) -> str | None:
+    """Why naming ``qualname`` makes the file hostile, or None."""
+    if "." in name:
+        return f"dotted global name {name!r} (attribute lookup)"
+    # exact names that run nothing from the file, ahead of the hostile list: torch.cuda's
+    # storage types (tensors saved from a GPU before torch 1.0) and torch.serialization.
+    # _get_layout (sparse tensors, refused with a reason) sit under hostile prefixes
+    if qualname in _BUILDER_NAMES or qualname in allowed or marker(qualname) is not None:
+        return None
+    return hostile_reason(qualname)
 
 
 _MAX_TUPLE_DEPTH = 100  # CPython hashes nested tuples recursively in C: deep ones crash it
@@ -293,34 +356,37 @@ _MAX_MEMO_GAP = 1024  # memo indices grow one by one in real pickles
 _MAX_GLOBALS = 10_000  # distinct globals; each becomes a class
 
 
-def _prescan(stream: BinaryIO) -> int:
+def _prescan(stream: BinaryIO, named: list[tuple[str, str]] | None = None) -> int:
     """Walk the opcodes once, without building anything, and refuse what would hurt the C
     unpickler itself: deeply nested tuples (their hash recurses in C), memo indices far past
     the memo's size (the memo is resized to twice the index) and floods of globals. Returns the
     pickle's length in bytes; raises :class:`Refused`, or ValueError for a pickle too malformed
-    to walk.
+    to walk. Appends to ``named`` the ``(module, name)`` of every global the pickle names, as it
+    goes (those before the problem, when it raises).
 
-    The stack is simulated with one number per item: its tuple depth (0 for anything else).
+    The stack is simulated with one number per item: its tuple depth (0 for anything else), or
+    for a string, minus the offset of its text (``STACK_GLOBAL`` takes its names from strings).
     This runs once per opcode (35 per tensor in a torch pickle), so the common opcodes have
     their own branches ahead of the table-driven general case.
     """
     start = stream.tell()
     if isinstance(stream, io.BytesIO):
-        end = _walk(stream.getvalue(), start)
+        end = _walk(stream.getvalue(), start, named)
     else:
         with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            end = _walk(data, start)
+            end = _walk(data, start, named)
     stream.seek(start)
     return end - start
 
 
-def _walk(data: Any, i: int) -> int:
+def _walk(data: Any, i: int, named: list[tuple[str, str]] | None = None) -> int:
     """:func:`_prescan` over a buffer, from offset ``i``; returns the offset after the STOP."""
     stack: list[int] = []
     marks: list[int] = []
-    # memo index → tuple depth, for the non-zero ones; an index memoized twice keeps the deeper
-    # (an overestimate is safe, and real pickles never reuse an index)
+    # memo index → tuple depth (or string), for the non-zero ones; an index memoized twice keeps
+    # the deeper (an overestimate is safe, and real pickles never reuse an index)
     depths: dict[int, int] = {}
+    names = _Names(data, named)
     filled: set[int] = set()  # memo indices set so far: MEMOIZE writes at len(filled), as C does
     globals_named = 0
     # locals: this loop runs 700,000 times for a 20,000-tensor checkpoint
@@ -339,8 +405,8 @@ def _walk(data: Any, i: int) -> int:
                         f"a memo index {index} far beyond the {limit - gap} objects memoized"
                     )
                 top = stack[-1]
-                if top and top > get(index, 0):  # a twice-memoized index keeps the deeper
-                    depths[index] = top
+                if top and (top > get(index, 0) if top > 0 else get(index, 0) <= 0):
+                    depths[index] = top  # a twice-memoized index keeps the deeper tuple
                 fill(index)
                 limit += 1
                 continue
@@ -356,12 +422,13 @@ def _walk(data: Any, i: int) -> int:
                 mark(len(stack))
                 continue
             if op == 0x58:  # BINUNICODE
+                push(-i)
                 i += 4 + u32(data, i)[0]
-                push(0)
                 continue
             if op == 0x74:  # TUPLE
                 at = marks.pop()
-                depth = 1 + max(stack[at:], default=0)
+                depth = max(stack[at:], default=0)
+                depth = depth + 1 if depth > 0 else 1
                 del stack[at:]
                 if depth > too_deep:
                     raise Refused(f"tuples nested more than {too_deep} deep")
@@ -375,14 +442,15 @@ def _walk(data: Any, i: int) -> int:
                 push(1)
                 continue
             if op == 0x85:  # TUPLE1
-                depth = stack[-1] + 1
+                depth = stack[-1]
+                depth = depth + 1 if depth > 0 else 1
                 if depth > too_deep:
                     raise Refused(f"tuples nested more than {too_deep} deep")
                 stack[-1] = depth
                 continue
             if op == 0x71:  # BINPUT: an index below 256 is never far ahead
                 top = stack[-1]
-                if top and top > get(data[i], 0):
+                if top and (top > get(data[i], 0) if top > 0 else get(data[i], 0) <= 0):
                     depths[data[i]] = top
                 fill(data[i])
                 i += 1
@@ -416,8 +484,13 @@ def _walk(data: Any, i: int) -> int:
             if kind == _PUSH:
                 push(0)
                 continue
+            if kind == _TEXT:
+                push(-arg)
+                continue
             if kind == _STOP:
                 return i
+            if kind == _GLOBAL or op == 0x69:  # GLOBAL, STACK_GLOBAL, INST
+                names.add(op, arg, i, stack)
             if op == 0x30 and marks and marks[-1] == len(stack):  # POP right after a MARK
                 marks.pop()  # C drops the mark, not the item below it
                 continue
@@ -428,10 +501,12 @@ def _walk(data: Any, i: int) -> int:
             if kind == _TO_MARK or kind == _TUPLE_TO_MARK:
                 at = marks.pop()
                 if kind == _TUPLE_TO_MARK:
-                    depth = 1 + max(stack[at:], default=0)
+                    depth = max(stack[at:], default=0)
+                    depth = depth + 1 if depth > 0 else 1
                 del stack[at - pops :]
             elif kind == _TUPLE_N:
-                depth = 1 + max(stack[-pops:])
+                depth = max(stack[-pops:])
+                depth = depth + 1 if depth > 0 else 1
                 del stack[-pops:]
             elif kind == _KEEP:  # DUP, READONLY_BUFFER: the top item's depth carries over
                 depth = stack[-1]
@@ -450,8 +525,9 @@ def _walk(data: Any, i: int) -> int:
                     index = _int_arg(data, arg, i, argmode)
                 if index > limit:
                     raise Refused(f"a memo index {index} far beyond the {puts} objects memoized")
-                if stack[-1] > get(index, 0):
-                    depths[index] = stack[-1]
+                top = stack[-1]
+                if top and (top > get(index, 0) if top > 0 else get(index, 0) <= 0):
+                    depths[index] = top
                 fill(index)
                 limit += 1
                 continue
@@ -472,6 +548,86 @@ def _walk(data: Any, i: int) -> int:
 _U32 = struct.Struct("<I").unpack_from
 
 
+class _Names:
+    """The ``(module, name)`` of every global a pickle names, for :func:`_walk`: the text of
+    each GLOBAL and INST, and the two strings under each STACK_GLOBAL, followed through the
+    memo. Each name is cut to :data:`_NAME_CHARS` (a cut one ends in "..."), and at most
+    ``10 * _MAX_GLOBALS`` are kept: the walk refuses more global lookups than that anyway."""
+
+    __slots__ = ("data", "out", "seen")
+
+    def __init__(self, data: Any, out: list[tuple[str, str]] | None) -> None:
+        self.data = data
+        self.out = out
+        self.seen: set[tuple[str, str]] = set()
+
+    def add(self, op: int, arg: int, end: int, stack: list[int]) -> None:
+        """Note the global named by the opcode ``op`` whose argument spans ``arg:end``."""
+        if self.out is None or len(self.seen) >= 10 * _MAX_GLOBALS:
+            return
+        data = self.data
+        if op == 0x93:  # STACK_GLOBAL: two strings on the stack, or the unpickler refuses it
+            if len(stack) < 2 or stack[-1] >= 0 or stack[-2] >= 0:
+                return
+            module, name = _text_at(data, -stack[-2]), _text_at(data, -stack[-1])
+            if module is None or name is None:
+                return
+        else:  # GLOBAL, INST: "module\nname\n"
+            newline = data.find(b"\n", arg, end)
+            if newline < 0:
+                return
+            module = _cut(bytes(data[arg : min(newline, arg + _NAME_CHARS + 1)]))
+            name = _cut(bytes(data[newline + 1 : min(end - 1, newline + _NAME_CHARS + 2)]))
+        if (module, name) not in self.seen:
+            self.seen.add((module, name))
+            self.out.append((module, name))
+
+
+_NAME_CHARS = 160  # longer than any real module path or name
+_TEXT_OPS = ("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+             "SHORT_BINUNICODE", "BINUNICODE8")  # fmt: skip
+
+
+def _cut(raw: bytes, encoding: str = "utf-8") -> str:
+    """Text of a name, at most :data:`_NAME_CHARS` characters ("..." marks a cut)."""
+    raw = raw[: _NAME_CHARS + 1]
+    if encoding == "raw-unicode-escape":  # the C function: a codec lookup would import
+        text = codecs.raw_unicode_escape_decode(raw, "replace")[0]
+    else:
+        text = raw.decode(encoding, "replace")
+    return text if len(text) <= _NAME_CHARS else text[:_NAME_CHARS] + "..."
+
+
+def _text_at(data: Any, at: int) -> str | None:
+    """The string pushed by the opcode whose argument starts at ``at``, or None if unreadable."""
+    op = data[at - 1]
+    if op in _COUNTED_TEXT:
+        size, encoding = _COUNTED_TEXT[op]
+        length = int.from_bytes(data[at : at + size], "little", signed=op == 0x54)
+        start = at + size
+        return _cut(bytes(data[start : start + min(max(length, 0), _NAME_CHARS + 1)]), encoding)
+    end = data.find(b"\n", at, at + 4 * _NAME_CHARS)  # UNICODE, STRING: a line (maybe cut)
+    line = bytes(data[at : end if end >= 0 else at + 4 * _NAME_CHARS])
+    if op == 0x56:
+        return _cut(line, "raw-unicode-escape")
+    quote = line[:1]
+    if quote not in (b"'", b'"'):
+        return None
+    inner = line[1:-1] if len(line) >= 2 and line.endswith(quote) else line[1:]
+    try:
+        return _cut(codecs.escape_decode(inner)[0], "latin-1")
+    except ValueError:
+        return None
+
+
+# opcode → (bytes of its length, encoding): BINUNICODE, SHORT_BINUNICODE, BINUNICODE8, then
+# Python 2's str (BINSTRING, SHORT_BINSTRING), which smartload decodes as latin-1 or ASCII
+_COUNTED_TEXT = {
+    0x58: (4, "utf-8"), 0x8C: (1, "utf-8"), 0x8D: (8, "utf-8"),
+    0x54: (4, "latin-1"), 0x55: (1, "latin-1"),
+}  # fmt: skip
+
+
 def _int_arg(data: Any, start: int, end: int, argmode: int) -> int:
     """A memo index: a text line (PUT, GET) or a little-endian binary number."""
     raw = data[start:end]
@@ -480,6 +636,7 @@ def _int_arg(data: Any, start: int, end: int, argmode: int) -> int:
 
 (
     _PUSH,
+    _TEXT,
     _MARK,
     _TO_MARK,
     _TUPLE_TO_MARK,
@@ -491,7 +648,7 @@ def _int_arg(data: Any, start: int, end: int, argmode: int) -> int:
     _GLOBAL,
     _STOP,
     _OTHER,
-) = range(12)
+) = range(13)
 # how an opcode's argument is laid out (_LINE and _LINE2 are also the number of lines)
 _LINE, _LINE2, _FIXED, _COUNTED, _COUNTED_SIGNED = 1, 2, 3, 4, 5
 
@@ -520,6 +677,8 @@ def _kind(op: pickletools.OpcodeInfo) -> tuple[int, int, int]:
         return _GET, 0, 1
     if name in ("GLOBAL", "STACK_GLOBAL", "INST"):
         return _GLOBAL, len(before) - ("mark" in before), pushes
+    if name in _TEXT_OPS:
+        return _TEXT, 0, 1
     if not before and pushes == 1:
         return _PUSH, 0, 1
     return _OTHER, len(before), pushes
@@ -577,22 +736,32 @@ def unpickle(
     error: str | None = None
     hint = "The file is corrupt or was not written by torch/numpy; re-export it"
     obj: Any = None
+    named: list[tuple[str, str]] = []
     try:
-        up.budget.left = _COPIES_PER_BYTE * _prescan(stream)
+        try:
+            size = _prescan(stream, named)
+        finally:  # hostile globals first, whatever else is wrong: all those before any problem
+            up.note_named(named)
+        up.budget.allow(size)
         obj = _resolve(up.load(), {})
     except Refused as exc:
         if exc.hostile:
             up._hostile(exc.hostile, str(exc))
-        error, hint = str(exc), exc.hint or hint
-    except (CheckpointFormatError, UnsafeCheckpointError):  # from a format's persistent_load
+        else:
+            error, hint = str(exc), exc.hint or hint
+    except UnsafeCheckpointError:  # from a format's persistent_load
         raise
+    except CheckpointFormatError:
+        if not up.hostile:
+            raise
     except RecursionError:
         error = "pickle nests too deeply"
     except Exception as exc:  # the pickle machine reports malformed input with many types
         error = f"malformed pickle ({type(exc).__name__}: {exc})"
-    if up.hostile:
+    if up.hostile:  # first, whatever else is wrong: that is mentioned after
+        besides = [f"besides, {error}"] if error is not None else []
         raise UnsafeCheckpointError(
-            where, up.hostile, detail="; ".join(up.problems), calls=up.calls
+            where, up.hostile, detail="; ".join(up.problems + besides), calls=up.calls
         )
     if error is not None:
         raise CheckpointFormatError(where, error, hint)
@@ -634,6 +803,8 @@ def marker(qualname: str) -> Marker | None:
 def _builders(symbolic: bool, budget: _CopyBudget) -> dict[str, _Builder]:
     # The builders must not hold the unpickler: after an error the C unpickler keeps its stack,
     # which the garbage collector cannot see into, and a cycle through it would never be freed.
+    raw_bytes = _ArrayBytes(budget, symbolic)
+
     def tensor_v1(storage: Any, offset: Any, size: Any, stride: Any) -> TensorRecord:
         # torch 0.3's rebuild, without requires_grad (lpips' v0.0 weights)
         return _tensor(storage, offset, size, stride, False, None, None)
@@ -696,8 +867,7 @@ def _builders(symbolic: bool, budget: _CopyBudget) -> dict[str, _Builder]:
     def codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
             _refuse("_codecs.encode other than str → bytes in latin1")
-        encoded: bytes = text.encode("latin1")
-        return encoded
+        return raw_bytes.latin1(text, "_codecs.encode calls")
 
     def reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
         if not isinstance(cls, _StandInType):
@@ -709,7 +879,7 @@ def _builders(symbolic: bool, budget: _CopyBudget) -> dict[str, _Builder]:
     def np_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> _NdArray:
         if not (isinstance(cls, Marker) and cls.value == "ndarray"):
             _refuse("numpy _reconstruct of something other than numpy.ndarray")
-        return _NdArray(symbolic)
+        return _NdArray(symbolic, raw_bytes)
 
     def np_dtype(code: Any, align: Any = False, copy: Any = True) -> _NpDtype:
         return _NpDtype(code)
@@ -722,7 +892,8 @@ def _builders(symbolic: bool, budget: _CopyBudget) -> dict[str, _Builder]:
     def np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> ArrayRecord:
         if not isinstance(dtype, _NpDtype) or not isinstance(buf, bytes | bytearray):
             _refuse("numpy _frombuffer without a numeric dtype and in-band bytes")
-        return _array(symbolic, dtype, _shape(shape), order == "F", bytes(buf))
+        raw = raw_bytes.frozen(buf, "numpy _frombuffer calls")
+        return _array(symbolic, dtype, _shape(shape), order == "F", raw)
 
     table: dict[str, Callable[..., Any]] = {
         "torch._utils._rebuild_tensor": tensor_v1,
@@ -807,7 +978,7 @@ def _fill_ordered_dict(out: _StateDict, args: tuple[Any, ...], budget: _CopyBudg
     if len(args) != 1 or type(args[0]) not in (list, tuple):
         _refuse("OrderedDict called with arguments other than one list of (key, value) pairs")
     items = args[0]
-    budget.charge(len(items), "OrderedDict calls")
+    budget.charge(_ENTRY_BYTES * len(items), "OrderedDict calls")
     for item in items:
         if type(item) not in (list, tuple) or len(item) != 2:
             _refuse(f"OrderedDict called with {brief(item)} where a (key, value) pair belongs")
@@ -833,8 +1004,8 @@ def _check_no_hooks(hooks: Any) -> None:
 
 
 def _shape(value: Any) -> tuple[int, ...]:
-    if type(value) is not tuple:
-        if not isinstance(value, tuple | list):
+    if type(value) is not tuple:  # a list: its length checked before it is copied
+        if not isinstance(value, tuple | list) or len(value) > MAX_NDIM:
             _refuse(f"a tensor shape that is not up to {MAX_NDIM} sizes: {brief(value)}")
         value = tuple(value)
     # set(map(type, ...)) keeps the checks in C: this runs once per tensor
@@ -867,7 +1038,7 @@ def _tensor(
         _check_no_hooks(backward_hooks)
     shape = _shape(size)
     if type(stride) is not tuple:
-        if not isinstance(stride, list):
+        if not isinstance(stride, list) or len(stride) != len(shape):
             _refuse("a tensor stride that does not match its shape")
         stride = tuple(stride)
     if len(stride) != len(shape):
@@ -935,8 +1106,9 @@ class _NdArray(_NoBuild):
 
     qualname = "numpy.ndarray"
 
-    def __init__(self, symbolic: bool) -> None:
+    def __init__(self, symbolic: bool, data: _ArrayBytes) -> None:
         self._symbolic = symbolic
+        self._data = data
         self.record: ArrayRecord | None = None
 
     def __setstate__(self, state: Any) -> None:
@@ -945,14 +1117,47 @@ class _NdArray(_NoBuild):
             _refuse("numpy array with malformed state")
         _, shape, dtype, fortran, raw = state
         if isinstance(raw, str):  # protocol 0/1 py2 pickles store bytes as latin1 text
-            raw = raw.encode("latin1")
+            raw = self._data.latin1(raw, "numpy array BUILDs")
         if not isinstance(raw, bytes | bytearray):
             _refuse("numpy array whose data is not bytes (object array)")
-        self.record = _array(self._symbolic, dtype, _shape(shape), bool(fortran), bytes(raw))
+        raw = self._data.frozen(raw, "numpy array BUILDs")
+        self.record = _array(self._symbolic, dtype, _shape(shape), bool(fortran), raw)
+
+
+class _ArrayBytes:
+    """The bytes arrays are made of, made once per object of the pickle: a string's latin1
+    encoding (py2 pickles carry bytes as text), or a bytearray's copy (protocol 5's in-band
+    buffers; a copy, as the pickle could change the bytearray later). Both are charged to the
+    budget; a string referenced again gives the same bytes, uncharged. Without materialising
+    (``inspect``), bytes are kept only for a string seen twice: a bytearray is not copied."""
+
+    __slots__ = ("budget", "encoded", "keep")
+
+    def __init__(self, budget: _CopyBudget, symbolic: bool) -> None:
+        self.budget = budget
+        self.keep = not symbolic
+        # id → (the string, so that its id stays its own; its bytes, once kept)
+        self.encoded: dict[int, tuple[str, bytes | None]] = {}
+
+    def latin1(self, text: str, what: str) -> bytes:
+        seen = self.encoded.get(id(text))
+        if seen is not None and seen[1] is not None:
+            return seen[1]
+        self.budget.charge(len(text), what)
+        encoded = text.encode("latin1")
+        self.encoded[id(text)] = (text, encoded if self.keep or seen is not None else None)
+        return encoded
+
+    def frozen(self, buf: bytes | bytearray, what: str) -> bytes | bytearray:
+        """``buf`` as bytes (without materialising: ``buf`` itself, only its length is read)."""
+        if type(buf) is bytes:
+            return buf
+        self.budget.charge(len(buf), what)
+        return bytes(buf) if self.keep else buf
 
 
 def _array(
-    symbolic: bool, dtype: _NpDtype, shape: tuple[int, ...], fortran: bool, raw: bytes
+    symbolic: bool, dtype: _NpDtype, shape: tuple[int, ...], fortran: bool, raw: bytes | bytearray
 ) -> ArrayRecord:
     name = dtype.torch_name()
     numel = math.prod(shape)
@@ -960,7 +1165,7 @@ def _array(
         _refuse(
             f"numpy array of shape {list(shape)} and dtype {dtype.code} has {len(raw)} bytes of data"
         )
-    data = None if symbolic else raw
+    data = None if symbolic else bytes(raw)  # bytes already when materialising: not copied
     return ArrayRecord(name, dtype.byteorder + dtype.code, shape, fortran, data, len(raw))
 
 
@@ -972,7 +1177,9 @@ def _resolve(obj: Any, memo: dict[int, Any]) -> Any:
     if key in memo:
         return memo[key]
     out: Any
-    if isinstance(obj, _NdArray):
+    if _is_plain_container(obj):  # kept as it is: walked in C, not item by item in Python
+        out = obj
+    elif isinstance(obj, _NdArray):
         if obj.record is None:
             raise Refused("a numpy array without its data (no BUILD)")
         out = obj.record
@@ -999,7 +1206,23 @@ def _resolve(obj: Any, memo: dict[int, Any]) -> Any:
     return out
 
 
-_PLAIN = frozenset({TensorRecord, ArrayRecord, StorageRef, str, int, float, bool, type(None)})
+_PLAIN = frozenset(
+    {TensorRecord, ArrayRecord, StorageRef, str, bytes, int, float, bool, type(None)}
+)
+_PLAIN_KEYS = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+def _is_plain_container(obj: Any) -> bool:
+    """A list, tuple or dict of plain values only (a stand-in's arguments, a BUILD's state):
+    nothing in it to replace."""
+    kind = type(obj)
+    if kind is tuple or kind is list:
+        return _PLAIN.issuperset(map(type, obj))
+    return (
+        kind is dict
+        and _PLAIN.issuperset(map(type, obj.values()))
+        and _PLAIN_KEYS.issuperset(map(type, obj))
+    )
 
 
 def _resolve_key(key: Any) -> Any:
@@ -1026,3 +1249,9 @@ def inert_globals(globals_seen: Iterable[str]) -> list[str]:
         and hostile_reason(g) is None
         and not is_plain_data(g)
     ]
+
+
+def unknown_globals(globals_seen: Iterable[str]) -> list[str]:
+    """The inert globals not known to be data: what ``torch.load`` without ``weights_only``
+    would import, and smartload cannot vouch for (a file naming one is UNKNOWN, not SAFE)."""
+    return [g for g in inert_globals(globals_seen) if not is_known_data(g)]

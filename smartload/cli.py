@@ -1,8 +1,9 @@
 """The ``smartload`` command line: a thin layer over the library; ``main(argv) -> exit code``.
 
 Exit codes: 0 ok; 1 ``diff A B`` found a difference; 2 usage error; 3 the file cannot be read
-(corrupt, truncated, unknown format); 4 the file is hostile (nothing was run); 5 the checkpoint
-does not fit the model.
+(corrupt, truncated, unknown format); 4 the file is hostile, verdict UNSAFE (nothing was run); 5
+the checkpoint does not fit the model; 6 ``inspect``'s verdict is UNKNOWN: the file names globals
+smartload does not know (kept inert, nothing was run).
 
 ``inspect`` imports no torch (unless ``--scan``), so it answers in a fraction of a second.
 Output for people goes through rich (colours only on a terminal; ``NO_COLOR`` honoured); ``--json``
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE = 0, 1, 2  # 1: diff A B found a difference
-EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_INCOMPATIBLE = 3, 4, 5
+EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_INCOMPATIBLE, EXIT_UNKNOWN = 3, 4, 5, 6
 _COLLAPSE_AT = 60
 _MODEL_KINDS = (
     "timm:NAME, torchvision:NAME, d2:CONFIG (model zoo), a detectron2 .yaml path, "
@@ -61,8 +62,11 @@ examples:
   smartload diff a.pth b.safetensors                compare two checkpoints: keys, shapes, values
   smartload convert ckpt.pth model.safetensors      safe conversion (contiguous, metadata)
 
-exit codes: 0 ok, 2 usage, 3 unreadable file, 4 hostile file (nothing was run),
-            5 the checkpoint does not fit the model;
+exit codes: 0 ok (inspect: SAFE, every global the file names is known to be data),
+            2 usage, 3 unreadable file, 4 hostile file: UNSAFE (nothing was run),
+            5 the checkpoint does not fit the model,
+            6 inspect: UNKNOWN, the file names globals smartload does not know (kept inert,
+              nothing was run; torch.load without weights_only would import them);
             diff A B: 0 identical (same keys, shapes, dtypes and values), 1 they differ
 """
 
@@ -157,6 +161,7 @@ def _fail(args: argparse.Namespace, exc: SmartloadError, code: int, verdict: str
     err = _console(stderr=True)
     if args.json:
         out: dict[str, Any] = {"path": args.path, "safe": verdict != "unsafe", "error": verdict}
+        out["verdict"] = "UNSAFE" if isinstance(exc, UnsafeCheckpointError) else None
         out["message"] = str(exc)
         if isinstance(exc, UnsafeCheckpointError):
             out["globals"] = exc.globals
@@ -191,27 +196,22 @@ def _list(shape: Sequence[int] | None) -> list[int] | None:
 def _inspect(args: argparse.Namespace, out: Console) -> int:
     info = inspect(args.path, ema=args.ema)
     scanned = _scan(args.path, args.ema, info.nbytes, args.json) if args.scan else None
+    code = EXIT_UNKNOWN if info.verdict == "UNKNOWN" else EXIT_OK
     if args.json:
         data = info.to_dict()
         if scanned is not None:
             data["scan"] = scanned
         print(json.dumps(data, indent=2))
-        return EXIT_OK
+        return code
     _render_inspect(out, info, show_all=args.all)
     if scanned is not None:
         _render_scan(out, scanned)
-    return EXIT_OK
+    return code
 
 
 def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> None:
     out.print(Text(_printable(info.path), style="bold"))
-    verdict = Text("SAFE", style="bold green")
-    verdict.append(
-        f"  {info.format}; nothing in the file can run; globals: "
-        + (_printable(", ".join(info.globals)) if info.globals else "none"),
-        style="default",
-    )
-    out.print(verdict)
+    out.print(_verdict_line(info))
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="cyan")
     facts.add_column()
@@ -253,6 +253,21 @@ def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> No
             continue
         _plain_row(table)(*row)
     _print_trimmed(out, table)
+
+
+def _verdict_line(info: CheckpointInfo) -> Text:
+    """SAFE (green) or UNKNOWN (yellow), the format, and the globals the file names."""
+    if info.verdict == "SAFE":
+        line = Text("SAFE", style="bold green")
+        line.append(
+            f"  {info.format}; nothing in the file can run; globals: "
+            + (_printable(", ".join(info.globals)) if info.globals else "none"),
+            style="default",
+        )
+        return line
+    line = Text("UNKNOWN", style="bold yellow")
+    line.append(f"  {info.format}; {_printable(info.verdict_reason)}", style="default")
+    return line
 
 
 def _print_trimmed(out: Console, renderable: RenderableType) -> None:

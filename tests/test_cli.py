@@ -85,8 +85,8 @@ def test_inspect_json_field_by_field(ckpt: Path, capsys: pytest.CaptureFixture[s
     assert (code, err) == (0, "")
     data = json.loads(out)
     assert {k: v for k, v in data.items() if k != "tensors"} == {
-        "path": str(ckpt), "format": "torch-zip", "safe": True, "state_dict_path": ["state_dict"],
-        "other_state_dicts": [], "num_tensors": 9, "num_params": 347, "nbytes": 1392,
+        "path": str(ckpt), "format": "torch-zip", "safe": True, "verdict": "SAFE",
+        "unknown_globals": [], "state_dict_path": ["state_dict"], "other_state_dicts": [], "num_tensors": 9, "num_params": 347, "nbytes": 1392,
         "dtypes": {"float32": 8, "int64": 1},
         "heads": [{"key": "fc.weight", "rows": 10, "num_classes": 10, "kind": "classifier"}],
         "extras": {"epoch": "4"},
@@ -104,8 +104,8 @@ def test_hostile_file_exits_4_saying_what_it_would_have_run(
     code, out, err = run(capsys, "inspect", str(path), "--json")
     assert code == 4
     data = json.loads(out)
-    assert (data["safe"], data["error"], data["globals"], data["calls"]) == (
-        False, "unsafe", ["posix.system"], [f"posix.system('{touch}')"]
+    assert (data["safe"], data["verdict"], data["error"], data["globals"], data["calls"]) == (
+        False, "UNSAFE", "unsafe", ["posix.system"], [f"posix.system('{touch}')"]
     )  # fmt: skip
     code, out, err = run(capsys, "inspect", str(path))
     assert (code, out) == (4, "")
@@ -132,7 +132,8 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "diff", "x.pth")[0] == 2  # no --model and no second file
     assert run(capsys, "--version")[1] == "smartload 0.1.0\n"
     code, out, _ = run(capsys, "--help")
-    assert code == 0 and "exit codes: 0 ok, 2 usage, 3 unreadable file, 4 hostile file" in out
+    assert code == 0 and "2 usage, 3 unreadable file, 4 hostile file: UNSAFE" in out
+    assert "6 inspect: UNKNOWN, the file names globals smartload does not know" in out
 
 
 def test_large_checkpoints_collapse_unless_all(

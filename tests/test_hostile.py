@@ -261,7 +261,7 @@ def setitem_on_list(tmp: Path, cmd: str) -> Path:
 
 def trailing_garbage(tmp: Path, cmd: str) -> Path:
     path = tmp / "trailing.pkl"
-    path.write_bytes(pickle.dumps({"model": {}}, protocol=2) + b"cos\nsystem\n")
+    path.write_bytes(pickle.dumps({"model": {}}, protocol=2) + b"cabcde\nxyz\n")  # not hostile
     return path
 
 

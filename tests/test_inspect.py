@@ -83,3 +83,18 @@ def test_plain_builtins_are_data_not_inert_globals(
 )
 def test_is_plain_data(qualname: str, plain: bool) -> None:
     assert is_plain_data(qualname) is plain
+
+
+def test_the_unknown_verdict_names_at_most_eight_globals() -> None:
+    """The verdict line stays one line; the JSON and ``unknown_globals`` keep every name."""
+    from smartload._inspect import CheckpointInfo
+
+    names = tuple(f"zoo.C{i}" for i in range(10))
+    info = CheckpointInfo("x.pth", "torch-zip", (), {}, unknown_globals=names)
+    assert (info.verdict, info.to_dict()["unknown_globals"]) == ("UNKNOWN", list(names))
+    assert info.verdict_reason == (
+        "names 10 globals smartload does not know (zoo.C0, zoo.C1, zoo.C2, zoo.C3, zoo.C4, "
+        "zoo.C5, zoo.C6, zoo.C7, ... 2 more); nothing was run; `torch.load` without "
+        "weights_only would import them"
+    )
+    assert CheckpointInfo("y.pth", "safetensors", (), {}).verdict == "SAFE"

@@ -180,9 +180,10 @@ def test_inspect_shows_the_module_tree_marked_not_executed(
     torch.save({"model": _built(saving.ZooNet, 5, seed=1), "date": "2026-11-25"}, path)
     _forget(saving, sentinel)
 
-    assert main(["inspect", str(path), "--json"]) == 0
+    assert main(["inspect", str(path), "--json"]) == 6  # UNKNOWN: classes torch.load would import
     data = json.loads(capsys.readouterr().out)
     tree = data["module_tree"]
+    assert (data["verdict"], set(data["unknown_globals"])) == ("UNKNOWN", set(tree["classes"]))
     assert tree["executed"] is False
     assert tree["root"]["class"] == "sl_zoo_saving.ZooNet"
     assert tree["root"]["children"]["blocks"]["children"]["0"]["class"] == "sl_zoo_saving.Block"
@@ -201,7 +202,7 @@ def test_inspect_shows_the_module_tree_marked_not_executed(
         {"date": "'2026-11-25'"},
     )
 
-    assert main(["inspect", str(path)]) == 0
+    assert main(["inspect", str(path)]) == 6
     text = capsys.readouterr().out
     assert (
         "sl_zoo_saving.ZooNet, 14 modules (inert records: no class imported, nothing executed"
