@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,7 +16,7 @@ from ._load_hooks import compute
 from ._plan import model_tensors
 from ._records import DTYPE_ITEMSIZE
 from ._report import LoadPlan, PlanEntry
-from ._tensors import Materializer
+from ._tensors import Materializer, stored_values
 from .errors import CheckpointFormatError, IncompatibleCheckpointError, InvalidArgumentError
 
 __all__ = ["apply_plan"]
@@ -53,6 +56,7 @@ def apply_plan(
     checked: dict[str, tuple[torch.Tensor, str]] = {}  # checkpoint key → (tensor read, dtype)
     computed: dict[str, dict[str, torch.Tensor]] = {}  # pre-hooked subtree → values it made
     buffers: dict[str, torch.Tensor] = {}  # checkpoint key → the model buffer it goes into
+    misfits: list[tuple[PlanEntry, str]] = []  # values the model's dtype cannot hold
     for entry in plan.entries:
         if entry.action == "skip":
             continue
@@ -82,7 +86,9 @@ def apply_plan(
                         f"{entry.transform} gave shape {list(source.shape)} for {entry.key!r}, "
                         f"not {list(entry.model_shape)}; this is a bug in the {plan.adapter} adapter"
                     )
-        values[entry.key] = _value(entry, source, target)
+        values[entry.key], misfit = _value(entry, source, target)
+        if misfit is not None:
+            misfits.append((entry, misfit))
     if on_nonfinite == "error" and (nonfinite := _nonfinite(checked, buffers)):
         raise CheckpointFormatError(
             plan.checkpoint,
@@ -91,10 +97,12 @@ def apply_plan(
             "Nothing was loaded. The weights are broken (diverged training?); pass "
             "on_nonfinite='allow' to load them anyway, or policies={key: 'reinit-normal'}",
         )
-    if on_meta:
-        _materialise(model, targets, values, torch.device(device or "cpu"))
-    else:
-        _commit(model, targets, values)
+    if misfits:
+        raise _misfit_error(plan, misfits)
+    if plan.format == "mapping":  # tensors in memory: the model's own, or on another device
+        _take_apart(values, targets)
+    _check_writable(targets, values)
+    _write(model, targets, values, torch.device(device or "cpu") if on_meta else None)
 
 
 def _check_meta(
@@ -127,6 +135,24 @@ def _check_meta(
     return True
 
 
+def _write(
+    model: torch.nn.Module,
+    targets: Mapping[str, torch.Tensor],
+    values: Mapping[str, torch.Tensor],
+    meta_device: torch.device | None,
+) -> None:
+    """Phase 2: every value already has its target's dtype and shape. Warnings are recorded and
+    logged afterwards, so that a ``-W error`` filter cannot raise one half-way through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if meta_device is not None:
+            _materialise(model, targets, values, meta_device)
+        else:
+            _commit(model, targets, values)
+    for warning in caught:
+        logger.warning("while loading: %s: %s", warning.category.__name__, warning.message)
+
+
 def _materialise(
     model: torch.nn.Module,
     targets: Mapping[str, torch.Tensor],
@@ -135,7 +161,8 @@ def _materialise(
 ) -> None:
     """Give a model on the meta device new tensors (``load_state_dict(assign=True)`` semantics:
     parameter type and ``requires_grad`` kept), in the model's dtypes, on ``device``. Tensors
-    shared under several names stay shared. Tensors not on meta are copied into as usual."""
+    shared under several names stay shared. Tensors not on meta are copied into as usual, first:
+    a module's own loader may refuse, and the meta tensors are replaced only after that."""
     made: dict[int, torch.Tensor] = {}
     plain: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -150,10 +177,10 @@ def _materialise(
                 if isinstance(target, torch.nn.Parameter):
                     data = torch.nn.Parameter(data, requires_grad=target.requires_grad)
                 new = made[id(target)] = data
-        for module in model.modules():
-            for slots in (module._parameters, module._buffers):
-                _replace_in(slots, made)
     _commit(model, targets, plain)
+    for module in model.modules():
+        for slots in (module._parameters, module._buffers):
+            _replace_in(slots, made)
 
 
 def _replace_in(slots: dict[str, Any], made: Mapping[int, torch.Tensor]) -> None:
@@ -208,17 +235,24 @@ def _nonfinite(
     Small tensors go through one ``_foreach_norm(inf)`` call per dtype instead of a call each (the
     largest absolute value cannot overflow), which matters at 20,000 keys. The dtype comes from
     the checkpoint's record: asking the tensor costs a torch call per key.
+
+    A large tensor is checked through :func:`stored_values`: a view that claims 2**43 elements
+    over one stored float costs one read, not 2**43 (NaN and Inf are then counted among the
+    values stored). Small ones cost little whatever they claim.
     """
     suspects: list[str] = []
     small: dict[str, tuple[list[str], list[torch.Tensor]]] = {}
     for key, (t, dtype) in tensors.items():
         kind = _FLOAT_KINDS.get(dtype)
-        if kind is None or t.numel() == 0:
+        numel = t.numel()
+        if kind is None or numel == 0:
             continue
+        if numel >= _BATCH_BELOW:
+            t = stored_values(t)
         if kind == "upcast":  # float8, complex32: no sum, no norm, no isfinite
             if not _finite_by_chunks(t):
                 suspects.append(key)
-        elif kind == "real" and t.is_cpu and t.numel() < _BATCH_BELOW:
+        elif kind == "real" and t.is_cpu and numel < _BATCH_BELOW:
             keys, group = small.setdefault(dtype, ([], []))
             keys.append(key)
             group.append(t)
@@ -233,12 +267,11 @@ def _nonfinite(
     order = {key: i for i, key in enumerate(tensors)}  # report in the checkpoint's order
     out = []
     for key in sorted(suspects, key=order.__getitem__):
-        t = tensors[key][0]
-        if _FLOAT_KINDS[tensors[key][1]] == "upcast":
-            t = t.to(_upcast_dtype(t))
-        nan = int(torch.isnan(t).sum())
-        inf = int(torch.isinf(t).sum())
-        if not nan and key in buffers and _inf_by_design(t, buffers[key]):
+        t, dtype = tensors[key]
+        stored = _comparable(stored_values(t), dtype)
+        nan = int(torch.isnan(stored).sum())
+        inf = int(torch.isinf(stored).sum())
+        if not nan and key in buffers and _inf_by_design(t, dtype, buffers[key]):
             continue
         if nan or inf:
             counts = [f"{nan} NaN"] * bool(nan) + [f"{inf} Inf"] * bool(inf)
@@ -256,14 +289,22 @@ _FLOAT_KINDS = {
 }
 
 
-def _inf_by_design(value: torch.Tensor, model_value: torch.Tensor) -> bool:
+def _inf_by_design(value: torch.Tensor, dtype: str, model_value: torch.Tensor) -> bool:
+    """Whether ``value``'s infinities all stand where the model's own value is infinite too.
+    Read element by element only when it has the model tensor's shape (so its size)."""
     if model_value.is_meta:
         return True
     if value.shape != model_value.shape or not (
         model_value.is_floating_point() or model_value.is_complex()
     ):
         return False
+    value = _comparable(value, dtype)
     return not bool((torch.isinf(value) & torch.isfinite(model_value).to(value.device)).any())
+
+
+def _comparable(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``t`` in a dtype that ``isnan``/``isinf`` accept (float8 and complex32 upcast)."""
+    return t.to(_upcast_dtype(t)) if _FLOAT_KINDS[dtype] == "upcast" else t
 
 
 def _upcast_dtype(t: torch.Tensor) -> torch.dtype:
@@ -278,11 +319,16 @@ def _finite_by_chunks(t: torch.Tensor) -> bool:
     )
 
 
-def _value(entry: PlanEntry, source: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+def _value(
+    entry: PlanEntry, source: torch.Tensor | None, target: torch.Tensor
+) -> tuple[torch.Tensor, str | None]:
+    """The value ``entry`` writes, in the target's dtype; or what keeps the checkpoint's values
+    from fitting that dtype (then nothing is written)."""
     if entry.action == "copy":
         assert source is not None
-        return source
-    dtype = target.dtype if target.is_floating_point() else torch.float32
+        return (source, None) if source.dtype == target.dtype else _fit(source, target.dtype)
+    exact = target.is_floating_point() or target.is_complex()
+    dtype = target.dtype if exact else torch.float32
     new = torch.empty(entry.model_shape, dtype=dtype)
     if entry.fill is not None:
         new.fill_(entry.fill)
@@ -293,13 +339,19 @@ def _value(entry: PlanEntry, source: torch.Tensor | None, target: torch.Tensor) 
         if pairs:
             new_idx = torch.tensor([i for i, _ in pairs])
             old_idx = torch.tensor([r for _, r in pairs])
-            new.index_copy_(entry.dim, new_idx, source.index_select(entry.dim, old_idx).to(dtype))
-    return new
+            rows, misfit = _fit(source.index_select(entry.dim, old_idx), dtype)
+            if misfit is not None:
+                return new, misfit
+            new.index_copy_(entry.dim, new_idx, rows)
+    return (new, None) if exact else _fit(new, target.dtype)
 
 
 def _commit(
     model: torch.nn.Module, targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
 ) -> None:
+    """Copy ``values`` (already in their targets' dtypes and shapes) into the model. Modules with
+    their own loading go first, one snapshot each: when one refuses, the ones before it are put
+    back and the refusal raised with the model as it was. The rest cannot fail: one copy."""
     custom = _custom_loaders(model)
     routed: dict[str, dict[str, torch.Tensor]] = {}
     plain: Mapping[str, torch.Tensor] = values
@@ -315,16 +367,7 @@ def _commit(
     destinations = [targets[key] for key in plain]
     sources = list(plain.values())
     with torch.no_grad():
-        # modules with their own loading first: they are the only step here that can refuse
-        for owner, state in routed.items():
-            errors: list[str] = []
-            prefix = owner + "." if owner else ""
-            # Versioned loaders (FrozenBatchNorm ...) see the module's own version, as
-            # state_dict() would record it: the values are loaded as if this code had saved them.
-            local = {"version": custom[owner]._version}
-            custom[owner]._load_from_state_dict(state, prefix, local, False, [], [], errors)
-            if errors:
-                raise CheckpointFormatError("<model>", f"module {owner!r} refused: {errors[0]}")
+        _load_custom(custom, routed)
         if destinations and all(d.is_cpu for d in destinations):  # one call, not one per key
             torch._foreach_copy_(destinations, sources)
         else:  # a model on an accelerator: copy_ moves each tensor there
@@ -348,3 +391,225 @@ def _custom_loaders(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         if type(m)._load_from_state_dict not in (base._load_from_state_dict, norm)
         or type(m).set_extra_state is not base.set_extra_state
     }
+
+
+def _load_custom(
+    custom: Mapping[str, torch.nn.Module], routed: Mapping[str, dict[str, torch.Tensor]]
+) -> None:
+    """Run each module's own ``_load_from_state_dict`` over its keys. A refusal (an error it
+    reports, or an exception) puts back every module loaded so far, itself included."""
+    loaded: list[_Snapshot] = []
+    for owner, state in routed.items():
+        module = custom[owner]
+        try:
+            loaded.append(_snapshot(module))
+            problem = _run_loader(module, owner, state)
+        except Exception as exc:  # a module's own code: anything may come out of it
+            problem = f"failed: {type(exc).__name__}: {exc}"
+        if problem is not None:
+            for snapshot in reversed(loaded):
+                _restore(snapshot)
+            raise CheckpointFormatError(
+                "<model>",
+                f"module {owner!r} {problem}",
+                "Nothing was loaded (modules loaded before it were put back)",
+            )
+
+
+def _run_loader(module: torch.nn.Module, owner: str, state: dict[str, torch.Tensor]) -> str | None:
+    errors: list[str] = []
+    prefix = owner + "." if owner else ""
+    # Versioned loaders (FrozenBatchNorm ...) see the module's own version, as state_dict()
+    # would record it: the values are loaded as if this code had saved them.
+    local = {"version": module._version}
+    module._load_from_state_dict(state, prefix, local, False, [], [], errors)
+    return f"refused: {errors[0]}" if errors else None
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A module as its own loader found it: its parameter and buffer slots, each tensor with an
+    alias of what it was (``.data``: storage, offset, shape, strides) and a copy of its values,
+    and its extra state when it has some (as ``get_extra_state`` returned it)."""
+
+    module: torch.nn.Module
+    parameters: dict[str, Any]
+    buffers: dict[str, Any]
+    tensors: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
+    extra: tuple[Any, ...]
+
+
+def _snapshot(module: torch.nn.Module) -> _Snapshot:
+    slots = [*module._parameters.values(), *module._buffers.values()]
+    tensors = tuple((t, t.data, t.detach().clone()) for t in slots if t is not None)
+    custom_extra = type(module).set_extra_state is not torch.nn.Module.set_extra_state
+    extra = (module.get_extra_state(),) if custom_extra else ()
+    return _Snapshot(module, dict(module._parameters), dict(module._buffers), tensors, extra)
+
+
+def _restore(snapshot: _Snapshot) -> None:
+    module = snapshot.module
+    for slots, saved in (
+        (module._parameters, snapshot.parameters),
+        (module._buffers, snapshot.buffers),
+    ):
+        slots.clear()
+        slots.update(saved)
+    for tensor, alias, values in snapshot.tensors:
+        tensor.data = alias  # shape, strides, storage as they were (a loader may resize)
+        alias.copy_(values)
+    if snapshot.extra:
+        try:
+            module.set_extra_state(snapshot.extra[0])
+        except Exception as exc:  # the refusal being raised says more than this
+            logger.warning(
+                "could not put back the extra state of %s: %s", type(module).__name__, exc
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# casts, made in phase 1: writing is then a copy between tensors of one dtype
+
+
+def _fit(value: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, str | None]:
+    """``value`` cast to ``dtype``, or what keeps its values from fitting: numbers beyond the
+    dtype's range (torch would wrap, saturate or overflow to Inf) or NaN/Inf into integers. The
+    plan has refused the casts torch cannot make, and complex → real ones no policy asked for."""
+    if value.is_complex() and not dtype.is_complex:
+        value = value.real  # a policy asked for it: the real part, as load_state_dict keeps
+    misfit = _misfit(value, dtype)
+    if misfit is not None:
+        return value, misfit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental" and the like
+        return value.to(dtype), None
+
+
+def _misfit(value: torch.Tensor, dtype: torch.dtype) -> str | None:
+    if dtype is torch.bool or value.numel() == 0:  # anything is True or False
+        return None
+    into_int = not (dtype.is_floating_point or dtype.is_complex)
+    from_float = value.is_floating_point() or value.is_complex()
+    (low, high), (src_low, src_high) = _limits(dtype), _limits(value.dtype)
+    if low <= src_low and src_high <= high and not (into_int and from_float):
+        return None  # every value of the source dtype fits
+    lo, hi = _bounds(value, finite=not into_int)
+    name = str(dtype).removeprefix("torch.")
+    if into_int and not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"NaN or Inf cannot be stored in {name}"
+    if from_float and into_int:  # truncated toward zero: 127.9 still fits int8
+        fits = low - 1 < lo and hi < high + 1
+    else:
+        fits = low <= lo and hi <= high
+    if fits:
+        return None
+    return f"values from {lo:g} to {hi:g}, beyond {name}'s range [{low:g}, {high:g}]"
+
+
+@functools.cache
+def _limits(dtype: torch.dtype) -> tuple[float, float]:
+    """The smallest and largest value ``dtype`` holds (a complex one: per part)."""
+    if dtype is torch.bool:
+        return (0, 1)
+    if dtype.is_floating_point or dtype.is_complex:
+        info = torch.finfo(dtype)
+        return (float(info.min), float(info.max))
+    iinfo = torch.iinfo(dtype)
+    return (iinfo.min, iinfo.max)
+
+
+# dtypes torch.aminmax takes; the others are read in chunks through a wider dtype
+_REDUCIBLE = frozenset(
+    (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8)
+    + (torch.int8, torch.int16, torch.int32, torch.int64)
+)
+_BOUNDS_CHUNK = 1 << 24  # elements upcast at a time
+
+
+def _bounds(t: torch.Tensor, *, finite: bool) -> tuple[float, float]:
+    """The smallest and largest value in ``t`` (NaN when it holds a NaN); only of its finite
+    values when ``finite`` (NaN and Inf are then the non-finite check's business)."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dtype is torch.uint64:  # read as int64: values from 2**63 on come out negative
+        lo, hi = _bounds(t.view(torch.int64), finite=finite)
+        return (0, 2**64 - 1) if lo < 0 else (lo, hi)
+    if t.dtype in _REDUCIBLE:
+        parts = [_reduce(t, finite)]
+    else:
+        wider = torch.float32 if t.is_floating_point() else torch.int64
+        flat = t.reshape(-1)
+        parts = [
+            _reduce(flat[i : i + _BOUNDS_CHUNK].to(wider), finite)
+            for i in range(0, flat.numel(), _BOUNDS_CHUNK)
+        ]
+    found = [p for p in parts if p is not None]
+    if not found:  # no finite value at all
+        return (0, 0)
+    if any(math.isnan(lo) or math.isnan(hi) for lo, hi in found):
+        return (math.nan, math.nan)
+    return min(lo for lo, _ in found), max(hi for _, hi in found)
+
+
+def _reduce(t: torch.Tensor, finite: bool) -> tuple[float, float] | None:
+    low, high = torch.aminmax(t)
+    lo, hi = low.item(), high.item()
+    if finite and not (math.isfinite(lo) and math.isfinite(hi)):
+        kept = t[torch.isfinite(t)]  # only with NaN or Inf in the checkpoint, allowed
+        return _reduce(kept, False) if kept.numel() else None
+    return lo, hi
+
+
+def _misfit_error(
+    plan: LoadPlan, misfits: list[tuple[PlanEntry, str]]
+) -> IncompatibleCheckpointError:
+    shown = [f"{e.key} ({e.ckpt_dtype} → {e.model_dtype}: {why})" for e, why in misfits[:10]]
+    more = f"; and {len(misfits) - 10} more" if len(misfits) > 10 else ""
+    first = misfits[0][0].key
+    return IncompatibleCheckpointError(
+        [(e.key, e.ckpt_shape, e.model_shape) for e, _ in misfits],
+        "values that the model's dtype cannot hold: " + "; ".join(shown) + more + ". Nothing "
+        "was loaded. Build the model in the checkpoint's dtype, or pass "
+        f"policies={{{first!r}: 'skip' | 'reinit-normal'}} to leave the key out",
+        plan.checkpoint,
+    )
+
+
+def _take_apart(values: dict[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> None:
+    """Make every value of an in-memory checkpoint a plain source for its copy: moved to the cpu
+    for a cpu target, and cloned where it views the model's own memory (a shuffled state dict of
+    the model: one copy would change what another reads, or torch refuses it half-way)."""
+    memory = {t.untyped_storage().data_ptr() for t in targets.values() if _has_memory(t)}
+    for key, value in values.items():
+        target = targets[key]
+        if target.is_cpu and not value.is_cpu:
+            values[key] = value.cpu()
+        elif _has_memory(value) and value.untyped_storage().data_ptr() in memory:
+            same = (value.data_ptr(), value.stride()) == (target.data_ptr(), target.stride())
+            if not same:
+                values[key] = value.clone()
+
+
+def _has_memory(t: torch.Tensor) -> bool:
+    return not t.is_meta and t.numel() > 0
+
+
+def _check_writable(targets: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
+    """Refuse, before writing, model tensors a copy into would fail on half-way through."""
+    inference = torch.is_inference_mode_enabled()
+    bad = []
+    for key in keys:
+        t = targets[key]
+        if t.is_meta:
+            continue
+        if t.is_inference() and not inference:
+            bad.append(f"{key} (an inference tensor: the model was built under inference_mode)")
+        elif torch._debug_has_internal_overlap(t) == 1:
+            bad.append(f"{key} (its elements share memory, as an expanded tensor's do)")
+    if bad:
+        raise InvalidArgumentError(
+            f"cannot write into {len(bad)} model tensor(s): {'; '.join(bad[:10])}"
+            + (" ..." if len(bad) > 10 else "")
+            + ". Nothing was loaded. Build the model outside torch.inference_mode(), with "
+            "tensors of their own (clone() expanded buffers), then load"
+        )

@@ -2,7 +2,8 @@
 
 Shapes and dtypes come from the structure (:func:`smartload.inspect`); values are read only for
 the keys alike in both, memory-mapped, one chunk at a time, so memory stays bounded whatever the
-tensors' size.
+tensors' size. What is compared is priced by the bytes the files store (:class:`ReadBudget`):
+dimensions both tensors repeat (stride 0) are compared once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from ._inspect import CheckpointInfo, inspect
 from ._plan import open_checkpoint
-from ._tensors import Materializer
+from ._tensors import Materializer, ReadBudget, stored_bytes
 
 __all__ = ["CheckpointComparison", "ValueDifference", "compare_checkpoints"]
 
@@ -105,16 +106,23 @@ def _value_differences(
     """Read both files' tensors of ``keys`` (the state dicts ``inspect`` chose) and compare."""
     opened = [open_checkpoint(i.path, state_dict_path=i.state_dict_path) for i in (a, b)]
     read_a, read_b = (Materializer(c.sources).tensor_of(c.tensors) for c in opened)
+    stored = sum(stored_bytes(c.tensors, c.sources) for c in opened)
+    budget = ReadBudget(a.path, stored, "comparing")
     out = {}
     for key in keys:
-        found = _compare_tensors(read_a(key), read_b(key))
+        found = _compare_tensors(read_a(key), read_b(key), key, budget)
         if found is not None:
             out[key] = found
     return out
 
 
-def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> ValueDifference | None:
+def _compare_tensors(
+    a: torch.Tensor, b: torch.Tensor, key: str, budget: ReadBudget
+) -> ValueDifference | None:
     """None when equal (NaN where both are NaN), else how they differ; chunk by chunk."""
+    numel = a.numel()
+    a, b, repeats = _without_common_repeats(a, b)
+    budget.charge(key, a.numel() * (a.element_size() + b.element_size()))
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     elements, largest = 0, 0.0
     for start in range(0, flat_a.numel(), CHUNK):
@@ -126,7 +134,22 @@ def _compare_tensors(a: torch.Tensor, b: torch.Tensor) -> ValueDifference | None
         count, chunk_max = _chunk_difference(chunk_a, chunk_b)
         elements += count
         largest = chunk_max if math.isnan(chunk_max) or chunk_max > largest else largest
-    return ValueDifference(elements, a.numel(), largest) if elements else None
+    return ValueDifference(elements * repeats, numel, largest) if elements else None
+
+
+def _without_common_repeats(
+    a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``a`` and ``b`` without the dimensions along which both repeat one value (stride 0 in
+    both, or size 1), and how many elements each one left stands for: comparing those compares
+    ``a`` and ``b`` exactly (a (2**40, 8) broadcast of one float against another: one pair)."""
+    if a.numel() == 0 or (a.is_contiguous() and b.is_contiguous()):
+        return a, b, 1
+    keep = [d for d in range(a.dim()) if a.shape[d] > 1 and (a.stride(d) or b.stride(d))]
+    sizes = [a.shape[d] for d in keep]
+    repeats = a.numel() // math.prod(sizes)
+    strided = [t.as_strided(sizes, [t.stride(d) for d in keep]) for t in (a, b)]
+    return strided[0], strided[1], repeats
 
 
 def _chunk_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:

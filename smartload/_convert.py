@@ -1,4 +1,10 @@
-"""Checkpoint → safetensors, and a value scan: the tools behind ``smartload convert`` / ``--scan``."""
+"""Checkpoint → safetensors, and a value scan: the tools behind ``smartload convert`` / ``--scan``.
+
+Both are priced by the bytes the file stores, not by the shapes it claims: a scan reads each
+tensor's stored values (:func:`stored_values`), once per distinct view, and a conversion refuses
+to write more than a :class:`ReadBudget` allows, since safetensors has no views and every key is
+written in full.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,21 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import __version__
 from ._formats import _SAFETENSORS_DTYPES
 from ._plan import open_checkpoint
-from ._tensors import Materializer
+from ._records import ArrayRecord, TensorRecord
+from ._tensors import Materializer, ReadBudget, stored_bytes, stored_values
 from .errors import CheckpointFormatError
 
 __all__ = ["TensorScan", "convert_to_safetensors", "scan"]
+
+if TYPE_CHECKING:
+    from ._plan import _Checkpoint
 
 _CODES = {name: code for code, name in _SAFETENSORS_DTYPES.items()}
 
@@ -31,14 +41,14 @@ class TensorScan:
     all_zero: bool
 
 
-def _tensors(
-    path: str, *, ema: bool, state_dict_path: Sequence[str] | None
-) -> tuple[str, Iterator[tuple[str, torch.Tensor]]]:
-    """Where the state dict sits, and its tensors (memory-mapped, zip CRCs checked) one by one."""
+def _open(
+    path: str, ema: bool, state_dict_path: Sequence[str] | None
+) -> tuple[_Checkpoint, Iterator[tuple[str, torch.Tensor]]]:
+    """The checkpoint, and its state dict's tensors (memory-mapped, zip CRCs checked) one by one."""
     ckpt = open_checkpoint(path, ema=ema, state_dict_path=state_dict_path)
     materializer = Materializer(ckpt.sources, verify_crc=True)
     items = ((key, materializer.tensor(leaf)) for key, leaf in ckpt.tensors.items())
-    return "/".join(ckpt.state_dict_path), items
+    return ckpt, items
 
 
 def scan(
@@ -48,17 +58,46 @@ def scan(
     state_dict_path: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[TensorScan]:
-    """Read every tensor (checking zip CRCs) and count NaN/Inf, and note all-zero tensors."""
+    """Read every tensor (checking zip CRCs) and count NaN/Inf, and note all-zero tensors.
+
+    Each tensor is read through :func:`stored_values`: NaN and Inf are counted among the values
+    the file stores (a view that repeats one NaN 1,000 times counts 1). Views alike (tied
+    weights) are read once.
+    """
+    ckpt, tensors = _open(path, ema, state_dict_path)
+    budget = ReadBudget(ckpt.path, stored_bytes(ckpt.tensors, ckpt.sources), "scanning")
+    done: dict[Any, TensorScan] = {}  # by view: the same stored values, the same answer
     out = []
-    for key, t in _tensors(path, ema=ema, state_dict_path=state_dict_path)[1]:
-        nan = inf = 0
-        if t.is_floating_point() or t.is_complex():
-            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-        all_zero = t.numel() > 0 and not bool(t.any())
-        out.append(TensorScan(key, nan, inf, all_zero))
-        if progress is not None:
-            progress(t.numel() * t.element_size())
+    for key, t in tensors:
+        view = _view_of(ckpt.tensors[key])
+        found = done.get(view) if view is not None else None
+        if found is None:
+            stored = stored_values(t)
+            budget.charge(key, stored.numel() * stored.element_size())
+            found = _scan_values(key, stored)
+            if view is not None:
+                done[view] = found
+            if progress is not None:
+                progress(stored.numel() * stored.element_size())
+        out.append(TensorScan(key, found.nan, found.inf, found.all_zero))
     return out
+
+
+def _view_of(leaf: Any) -> Any:
+    """What identifies the values a record reads (None for a leaf that is not a record)."""
+    if type(leaf) is TensorRecord:
+        return (leaf.storage.key, leaf.offset, leaf.shape, leaf.stride, leaf.dtype)
+    if type(leaf) is ArrayRecord:
+        return id(leaf)
+    return None
+
+
+def _scan_values(key: str, t: torch.Tensor) -> TensorScan:
+    nan = inf = 0
+    if t.is_floating_point() or t.is_complex():
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    all_zero = t.numel() > 0 and not bool(t.any())
+    return TensorScan(key, nan, inf, all_zero)
 
 
 def convert_to_safetensors(
@@ -77,13 +116,16 @@ def convert_to_safetensors(
     """
     entries: list[tuple[str, torch.Tensor]] = []
     broken = []
-    location, tensors = _tensors(path, ema=ema, state_dict_path=state_dict_path)
+    ckpt, tensors = _open(path, ema, state_dict_path)
+    location = "/".join(ckpt.state_dict_path)
+    budget = ReadBudget(ckpt.path, stored_bytes(ckpt.tensors, ckpt.sources), "converting")
     for key, t in tensors:
         if t.dtype not in _TORCH_CODES:
             raise CheckpointFormatError(
                 path, f"tensor {key!r} has dtype {t.dtype}, which safetensors lacks"
             )
-        if not allow_nonfinite and (t.is_floating_point() and not bool(torch.isfinite(t).all())):
+        budget.charge(key, t.numel() * t.element_size())  # what writing it takes
+        if not allow_nonfinite and t.is_floating_point() and not _finite(stored_values(t)):
             broken.append(key)
         entries.append((key, t))
     if broken:
@@ -124,6 +166,10 @@ def convert_to_safetensors(
         os.unlink(tmp)
         raise
     return {"out": out, "tensors": len(entries), "bytes": offset, "metadata": metadata}
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
 
 
 _TORCH_CODES = {getattr(torch, name): code for name, code in _CODES.items() if hasattr(torch, name)}

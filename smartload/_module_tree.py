@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from ._records import StandIn, TensorRecord, brief, describe, is_module
+from ._records import Describer, StandIn, TensorRecord, brief, is_module
 
 __all__ = ["Budget", "ModuleTree", "ModuleTreeError", "extract"]
 
@@ -312,6 +312,7 @@ _INTERNAL = frozenset({"training", "dump_patches", "call_super_init"})
 
 def _attributes(state: Mapping[str, Any]) -> dict[str, str]:
     out = {}
+    describe = Describer()  # attributes may share one container: walked once
     for key, value in state.items():
         if key.startswith("_") or key in _INTERNAL:
             continue

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
 from ._module_tree import Budget, ModuleTree, ModuleTreeError, extract
-from ._records import ArrayRecord, StandIn, TensorRecord, brief, describe, is_leaf, is_module
+from ._records import ArrayRecord, Describer, StandIn, TensorRecord, brief, is_leaf, is_module
 from .errors import CheckpointFormatError, InvalidArgumentError, UnsafeCheckpointError
 
 __all__ = [
@@ -189,11 +189,13 @@ def _show_path(path: Sequence[str]) -> str:
 
 
 def describe_extras(tree: Any, skip: Iterable[tuple[str, ...]]) -> dict[str, str]:
-    """One line for each non-weight entry at the top level (and one level down): what it holds."""
+    """One line for each non-weight entry at the top level: what it holds. Each container is
+    walked once, however many keys share it."""
     skipped = set(skip)
     out: dict[str, str] = {}
     if not isinstance(tree, Mapping):
         return out
+    describe = Describer()
     for key, value in tree.items():
         name = key if isinstance(key, str) else brief(key)
         if (name,) in skipped or is_leaf(value):
@@ -233,10 +235,12 @@ def match_keys(
             new = pattern.sub(replacement, new)
         renamed[key] = new
     taken = {new for new in renamed.values() if new in model}
+    lengths: set[int] = set()  # of the model's keys: made at the first key that does not match
     out: dict[str, str] = {}
     for key, new in renamed.items():
         if new not in model:
-            candidate = _unwrap(new, model, taken)
+            lengths = lengths or {len(k) for k in model}
+            candidate = _unwrap(new, model, lengths, taken)
             if candidate is not None:
                 taken.add(candidate)
                 new = candidate
@@ -244,19 +248,32 @@ def match_keys(
     return out
 
 
-def _unwrap(key: str, model: set[str], taken: set[str]) -> str | None:
-    stripped = key
+def _unwrap(key: str, model: set[str], lengths: set[int], taken: set[str]) -> str | None:
+    """The model key ``key`` feeds once its leading wrapper prefixes are stripped (the fewest
+    that match), or once one is added; None if none is free.
+
+    Linear in the key's length, whatever the file: the prefixes are skipped by position, and a
+    candidate is made (a copy of the key's tail) only when its length is that of a model key,
+    which happens at most once per model key length.
+    """
+    pos = 0
     while True:
         for prefix in WRAPPER_PREFIXES:
-            if stripped.startswith(prefix):
-                stripped = stripped[len(prefix) :]
-                if stripped in model and stripped not in taken:
-                    return stripped
+            if key.startswith(prefix, pos):
+                pos += len(prefix)
+                if len(key) - pos in lengths and _free(key[pos:], model, taken):
+                    return key[pos:]
                 break
         else:
             break
     for prefix in WRAPPER_PREFIXES:
-        for base in (key, stripped):
-            if prefix + base in model and prefix + base not in taken:
-                return prefix + base
+        for start in dict.fromkeys((0, pos)):  # the key as it is, and stripped of every prefix
+            if len(prefix) + len(key) - start in lengths:
+                candidate = prefix + key[start:]
+                if _free(candidate, model, taken):
+                    return candidate
     return None
+
+
+def _free(candidate: str, model: set[str], taken: set[str]) -> bool:
+    return candidate in model and candidate not in taken

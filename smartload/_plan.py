@@ -27,37 +27,58 @@ from ._report import ACTIONS, HeadChange, LoadPlan, PlanEntry
 from ._tensors import Materializer
 from ._unpickler import inert_globals
 from .adapters import Adapter, Conversion, select_adapter
-from .errors import IncompatibleCheckpointError, InvalidArgumentError
+from .errors import CheckpointFormatError, IncompatibleCheckpointError, InvalidArgumentError
 
 __all__ = ["make_plan", "model_tensors"]
 
+_FLOAT8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 _EXACT_CASTS = {
-    "float16": {"float32", "float64"},
-    "bfloat16": {"float32", "float64"},
-    "float32": {"float64"},
+    "float16": {"float32", "float64", "complex32", "complex64", "complex128"},
+    "bfloat16": {"float32", "float64", "complex64", "complex128"},
+    "float32": {"float64", "complex64", "complex128"},
+    "float64": {"complex128"},
+    "complex32": {"complex64", "complex128"},
+    "complex64": {"complex128"},
+    **dict.fromkeys(_FLOAT8, {"float16", "bfloat16", "float32", "float64"}),
+    "float8_e8m0fnu": {"bfloat16", "float32", "float64"},
     "int8": {"int16", "int32", "int64", "float16", "float32", "float64"},
-    "uint8": {"int16", "int32", "int64", "float16", "float32", "float64"},
+    "uint8": {"uint16", "uint32", "uint64", "int16", "int32", "int64", "float16", "float32",
+              "float64"},
     "int16": {"int32", "int64", "float32", "float64"},
+    "uint16": {"uint32", "uint64", "int32", "int64", "float32", "float64"},
     "int32": {"int64", "float64"},
-    "bool": {
-        "uint8",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "float16",
-        "bfloat16",
-        "float32",
-        "float64",
-    },
-}
+    "uint32": {"uint64", "int64", "float64"},
+    "bool": {"uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+             "float16", "bfloat16", "float32", "float64"},
+}  # fmt: skip
+# dtypes torch has no conversion for (its copy_ kernels refuse them): only equal dtypes load
+_NO_CONVERSION = frozenset({"bits8", "bits16", "bits1x8", "bits2x4", "bits4x2", "float4_e2m1fn_x2"})
 
 
 def cast_kind(src: str, dst: str) -> str | None:
-    """None when the dtypes are equal, else ``"exact"`` or ``"lossy"``."""
+    """None when the dtypes are equal, else ``"exact"`` (every value survives) or ``"lossy"``
+    (values may round, or be truncated to integers). Whether a lossy cast's values fit the
+    model's dtype at all is checked when loading, before anything is written."""
     if src == dst:
         return None
     return "exact" if dst in _EXACT_CASTS.get(src, ()) else "lossy"
+
+
+def cast_refusal(src: str, dst: str) -> str | None:
+    """Why a checkpoint tensor of dtype ``src`` is not cast into a model tensor of ``dst``, or
+    None. A complex → real cast is refused unless a policy names the key (``copy``/``slice``):
+    ``load_state_dict`` keeps the real part and only warns, and a complex checkpoint for a real
+    model is far more often the wrong file than a wish to drop the imaginary part."""
+    if src == dst:
+        return None
+    if src in _NO_CONVERSION or dst in _NO_CONVERSION:
+        return f"torch has no conversion from {src} to {dst}"
+    if src.startswith("complex") and not dst.startswith("complex"):
+        return _COMPLEX_TO_REAL
+    return None
+
+
+_COMPLEX_TO_REAL = "a complex → real cast discards the imaginary part"
 
 
 _SCALAR = Conversion("one element → 0-d (as load_state_dict)", lambda t: t.reshape(()))
@@ -239,7 +260,7 @@ def make_plan(
     ctx = _Context(model, chosen, class_map, source_classes, unmatched)
     tensors: Mapping[str, Any] = ckpt.tensors
     originals: Mapping[str, str] = {}  # prepared key → the key in the file
-    prepared = chosen.prepare_checkpoint(model, tensors, ckpt.extras)
+    prepared = _prepare(chosen, model, tensors, ckpt)
     if prepared is not None:
         tensors, originals = prepared
 
@@ -295,6 +316,7 @@ def make_plan(
         raise IncompatibleCheckpointError(mismatches, _mismatch_hint(num_classes), ckpt.path)
     if abandoned:
         entries = _abandon_heads(ctx, entries, abandoned, compiled)
+    entries = _check_casts(entries, compiled, ckpt.path)
     notes.extend(_unused_class_map(ctx))
     if num_classes is not None and not ctx.heads and chosen.num_classes(model) is None:
         notes.append(
@@ -327,6 +349,18 @@ def make_plan(
         targets=model_sd,
         hooked=hooked,
     )
+
+
+def _prepare(
+    adapter: Adapter, model: torch.nn.Module, tensors: Mapping[str, Any], ckpt: _Checkpoint
+) -> tuple[Mapping[str, Any], Mapping[str, str]] | None:
+    """The adapter's renaming; its refusals of the file (raised without a path) name the file."""
+    try:
+        return adapter.prepare_checkpoint(model, tensors, ckpt.extras)
+    except CheckpointFormatError as exc:
+        if exc.path:
+            raise
+        raise CheckpointFormatError(ckpt.path, exc.problem, exc.hint) from exc
 
 
 def _unused_class_map(ctx: _Context) -> list[str]:
@@ -539,6 +573,56 @@ def _decide(
         dim=dim,
         cast=cast,
         **base,
+    )
+
+
+def _check_casts(
+    entries: list[PlanEntry], policies: list[tuple[str, str]], path: str
+) -> list[PlanEntry]:
+    """Refuse the casts :func:`cast_refusal` names, all at once; a complex → real cast that a
+    ``copy``/``slice`` policy asks for is made (real part kept, reported as lossy)."""
+    refused: list[tuple[PlanEntry, str]] = []
+    out = []
+    for e in entries:
+        why = (
+            cast_refusal(e.ckpt_dtype, e.model_dtype)
+            if e.ckpt_dtype is not None and e.action in ("copy", "slice")
+            else None
+        )
+        if why == _COMPLEX_TO_REAL and _asks_for_values(policies, e.key):
+            e = _replace(e, reason=f"{e.reason}; imaginary part discarded", cast="lossy")
+        elif why is not None:
+            refused.append((e, why))
+        out.append(e)
+    if refused:
+        raise IncompatibleCheckpointError(
+            [(e.key, e.ckpt_shape, e.model_shape) for e, _ in refused],
+            _cast_hint(refused),
+            path,
+        )
+    return out
+
+
+def _asks_for_values(policies: list[tuple[str, str]], key: str) -> bool:
+    policy = _first_policy(policies, key) if policies else None
+    return policy is not None and policy[1] in ("copy", "slice")
+
+
+def _cast_hint(refused: list[tuple[PlanEntry, str]]) -> str:
+    shown = [f"{e.key} {e.ckpt_dtype} → {e.model_dtype}: {why}" for e, why in refused[:10]]
+    more = f"; and {len(refused) - 10} more" if len(refused) > 10 else ""
+    first = refused[0][0].key
+    complex_only = all(why == _COMPLEX_TO_REAL for _, why in refused)
+    fix = (
+        f"pass policies={{{first!r}: 'copy'}} to keep only the real part (what load_state_dict "
+        "does, with a warning), "
+        if complex_only
+        else ""
+    )
+    return (
+        "dtypes that cannot be cast: " + "; ".join(shown) + more + ". Nothing was loaded. Build "
+        f"the model in the checkpoint's dtype, {fix}or pass policies={{{first!r}: 'skip' | "
+        "'reinit-normal'} to leave the key out"
     )
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "MAX_NDIM",
     "MAX_NUMEL",
     "ArrayRecord",
+    "Describer",
     "Refused",
     "StandIn",
     "StorageRef",
@@ -165,7 +166,7 @@ class ArrayRecord(_Sealed):
         return math.prod(self.shape)
 
 
-@dataclass
+@dataclass(slots=True)  # one per call or NEWOBJ in the file: slots halve its size
 class StandIn:
     """An inert record of an object the pickle would have built from a non-allowlisted global."""
 
@@ -202,19 +203,84 @@ def is_leaf(value: Any) -> bool:
 
 def is_module(obj: Any) -> bool:
     """A stand-in that claims to be a pickled ``nn.Module``: its recorded state is a ``__dict__``
-    with ``_parameters`` (or a tuple holding one, which ``_module_tree.extract`` refuses)."""
+    with ``_parameters`` (or a ``(state, slot state)`` tuple holding one, which
+    ``_module_tree.extract`` refuses). Constant time: only those two places are looked at."""
     if not isinstance(obj, StandIn):
         return False
     state = obj.state
     if isinstance(state, dict):
         return "_parameters" in state
     return isinstance(state, tuple) and any(
-        isinstance(s, dict) and "_parameters" in s for s in state
+        isinstance(s, dict) and "_parameters" in s for s in state[:2]
     )
 
 
+class Describer:
+    """:func:`describe` for the values of one file, each container walked once for all of them.
+
+    A pickle can share one container of 100,000 items under thousands of keys, or under each of
+    thousands of small dicts: counting the tensors afresh for every key would take minutes. The
+    lines and the tensor counts are memoized by identity (the values outlive this object).
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[int, str] = {}
+        self._counts: dict[int, int] = {}  # container id → tensors it holds, capped at _MANY
+
+    def __call__(self, value: Any) -> str:
+        line = self._lines.get(id(value))
+        if line is None:
+            line = self._lines[id(value)] = self._describe(value)
+        return line
+
+    def _describe(self, value: Any) -> str:
+        if isinstance(value, Mapping):
+            tensors = self.count_leaves(value)
+            suffix = f", {tensors} tensors" if tensors < _MANY else f", over {_MANY:,} tensors"
+            return f"dict with {len(value)} entries{suffix if tensors else ''}"
+        return _describe_flat(value)
+
+    def count_leaves(self, node: Any) -> int:
+        """Tensors held in ``node``: one per reference (a tensor under two names counts twice,
+        a container shared by two parents counts in each), none through a cycle. Iterative, in
+        post-order: each container's items are looked at twice in all, whoever asks."""
+        counts = self._counts
+        todo: list[tuple[Any, bool]] = [(node, False)]
+        while todo:
+            item, items_done = todo.pop()
+            if items_done:
+                counts[id(item)] = min(_MANY, sum(map(self._held, _items(item))))
+            elif id(item) not in counts and _is_container(item):
+                counts[id(item)] = 0  # while its items are counted: a cycle back adds nothing
+                todo.append((item, True))
+                todo.extend((v, False) for v in _items(item) if _is_container(v))
+        return self._held(node)
+
+    def _held(self, value: Any) -> int:
+        if is_leaf(value):
+            return 1
+        return self._counts.get(id(value), 0)
+
+
+_MANY = 10**9  # tensor counts saturate here: shared containers can multiply them without end
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, Mapping | list | tuple)
+
+
+def _items(container: Any) -> Any:
+    return container.values() if isinstance(container, Mapping) else container
+
+
 def describe(value: Any) -> str:
-    """One line on a non-weight value (``epoch``, ``train_args``, a module's ``yaml`` ...)."""
+    """One line on a non-weight value (``epoch``, ``train_args``, a module's ``yaml`` ...).
+    For many values of one file, use one :class:`Describer`."""
+    return Describer()(value)
+
+
+def _describe_flat(value: Any) -> str:
+    """:func:`describe` of anything but a mapping: a few words, in constant time."""
     if isinstance(value, TensorRecord):
         return f"tensor {list(value.shape)} {value.dtype}"
     if isinstance(value, StandIn):
@@ -228,24 +294,6 @@ def describe(value: Any) -> str:
         return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
     if isinstance(value, bytes):
         return f"{len(value)} bytes"
-    if isinstance(value, Mapping):
-        tensors = _count_leaves(value)
-        suffix = f", {tensors} tensors" if tensors else ""
-        return f"dict with {len(value)} entries{suffix}"
     if isinstance(value, list | tuple):
         return f"{type(value).__name__} of {len(value)}"
     return type(value).__name__
-
-
-def _count_leaves(node: Any) -> int:
-    """Tensors reachable from ``node``, each container visited once (pickles share and loop)."""
-    count, todo = 0, [node]
-    seen: set[int] = set()
-    while todo and len(seen) < 1_000_000:
-        item = todo.pop()
-        if is_leaf(item):
-            count += 1
-        elif id(item) not in seen and isinstance(item, Mapping | list | tuple):
-            seen.add(id(item))
-            todo.extend(item.values() if isinstance(item, Mapping) else item)
-    return count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import zlib
 from collections.abc import Callable, Mapping
@@ -15,7 +16,7 @@ from ._formats import Source
 from ._records import ArrayRecord, TensorRecord
 from .errors import CheckpointFormatError
 
-__all__ = ["Materializer", "torch_dtype"]
+__all__ = ["Materializer", "ReadBudget", "stored_bytes", "stored_values", "torch_dtype"]
 
 
 @functools.cache  # once per dtype name, not once per tensor
@@ -118,3 +119,65 @@ def _from_array(record: ArrayRecord) -> torch.Tensor:
     array = array.reshape(record.shape, order="F" if record.fortran else "C")
     # a native-order, writable, C-ordered copy (0-d arrays stay 0-d)
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), order="C", copy=True))
+
+
+def stored_values(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t``'s storage holding every value ``t`` reads, and no more elements than
+    lie between the first and the last of them: ``t`` itself unless ``t`` reads some stored
+    values more than once.
+
+    A view may claim far more elements than its file stores: shape (2**40, 8) with strides
+    (0, 0) reads one float 2**43 times. Checks of values (NaN, Inf, all zero) go through this
+    view, so they cost what the file stores, not what its shapes claim. Dimensions of stride 0
+    (or size 1) are dropped, which keeps exactly the values read; if what is left still
+    overlaps itself, the whole stored span is returned instead (a superset of the values read).
+    """
+    if t.is_contiguous() or t.numel() == 0:
+        return t
+    kept = [
+        (size, stride)
+        for size, stride in zip(t.shape, t.stride(), strict=True)
+        if size > 1 and stride
+    ]
+    sizes = tuple(size for size, _ in kept)
+    strides = tuple(stride for _, stride in kept)
+    span = 1 + sum((size - 1) * stride for size, stride in kept)
+    if math.prod(sizes) > span:  # overlapping rows: read the stored span once instead
+        return t.as_strided((span,), (1,))
+    return t.as_strided(sizes, strides)  # the same storage offset as ``t``
+
+
+class ReadBudget:
+    """The bytes a scan, a comparison or a conversion may still read or write: for files that
+    store N bytes, :data:`PER_STORED_BYTE` · N + :data:`READ_FLOOR`. Their views may claim far
+    more (strides of 0, rows that overlap, one storage under many keys), and a conversion must
+    write each key in full."""
+
+    def __init__(self, path: str, stored: int, doing: str) -> None:
+        self.path = path
+        self.stored = stored
+        self.doing = doing
+        self.limit = self.left = PER_STORED_BYTE * stored + READ_FLOOR
+
+    def charge(self, key: str, nbytes: int) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise CheckpointFormatError(
+                self.path,
+                f"{self.doing} the state dict would take more than {self.limit:,} bytes "
+                f"({PER_STORED_BYTE} per byte of the {self.stored:,} stored + "
+                f"{READ_FLOOR >> 20} MiB), reached at tensor {key!r}: its tensors claim far more "
+                "elements than are stored (strides of 0, overlapping or shared views)",
+                "Nothing was written. Re-save each tensor as a contiguous copy (.contiguous()) "
+                "from code you trust",
+            )
+
+
+PER_STORED_BYTE = 8
+READ_FLOOR = 256 << 20
+
+
+def stored_bytes(leaves: Mapping[str, Any], sources: Mapping[str, Source]) -> int:
+    """The bytes a checkpoint stores: its storages, and its arrays pickled inline, each once."""
+    arrays = {id(leaf): leaf.nbytes for leaf in leaves.values() if type(leaf) is ArrayRecord}
+    return sum(source.nbytes for source in sources.values()) + sum(arrays.values())

@@ -130,8 +130,11 @@ def _emit(out: bytearray, o: Any) -> None:
         out += b"N"
     elif o is True or o is False:
         out += b"\x88" if o else b"\x89"
-    elif isinstance(o, int):
+    elif isinstance(o, int) and -(2**31) <= o < 2**31:
         out += b"J" + struct.pack("<i", o)
+    elif isinstance(o, int):  # LONG1: little-endian two's complement
+        data = o.to_bytes((o.bit_length() + 8) // 8, "little", signed=True)
+        out += b"\x8a" + bytes([len(data)]) + data
     elif isinstance(o, float):
         out += b"G" + struct.pack(">d", o)
     elif isinstance(o, str):

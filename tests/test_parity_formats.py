@@ -381,13 +381,14 @@ def test_ordered_dict_of_one_list_twice_is_read(tmp_path: Path) -> None:
     ],
 )
 def test_copies_of_one_shared_object_are_bounded(tmp_path: Path, call: Any, what: str) -> None:
-    """A list or dict memoized once and copied by 2,000 calls or BUILDs (a small file that would
-    fill memory) is refused once the copies pass 4 items per byte of the pickle."""
+    """A list or dict memoized once and copied by 10,000 calls or BUILDs (a small file that would
+    fill memory) is refused once the copies pass 32 bytes per byte of the pickle + 64 MiB."""
     shared_dict = Put({f"k{i}": None for i in range(1000)}, 1)
-    obj = [_shared_list(1000), shared_dict, *[call] * 2000]
+    obj = [_shared_list(1000), shared_dict, *[call] * 10_000]
+    limit = 32 * len(assemble(obj)) + 64 * 2**20
     assert _refusal(tmp_path, obj) == (
-        f"{what} copy more items than 4 per byte of the pickle (the same list or dict passed "
-        "again and again would fill memory)"
+        f"{what} would materialise more than {limit:,} bytes (32 per byte of the pickle + 64 "
+        "MiB): the same object is copied again and again"
     )
 
 

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, cast
 from . import Adapter, Conversion, HeadRule
 
 if TYPE_CHECKING:
-
     import torch
 
     from .._report import LoadPlan
