@@ -314,7 +314,14 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _qualname(module: str, name: str) -> tuple[str, str]:
-    """``(module.name, name)`` under Python 3's names (``__builtin__.eval`` is builtins.eval)."""
+    """``(module.name, name)`` under Python 3's names (``__builtin__.eval`` is builtins.eval).
+
+    A name longer than any importable one is refused before it is copied: a file can name one
+    long string thousands of times through the memo."""
+    if len(module) + len(name) > _MAX_NAME:
+        raise Refused(
+            f"a global named by {len(module) + len(name):,} characters; no module has one"
+        )
     module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
     module = _compat_pickle.IMPORT_MAPPING.get(module, module)
     return f"{module}.{name}", name
@@ -326,6 +333,8 @@ def hostile_names(
     """``(qualname, reason)`` of each hostile global among ``(module, name)`` pairs, once each."""
     found: dict[str, str] = {}
     for module, name in named:
+        if len(module) + len(name) > _MAX_NAME:
+            continue  # not importable, so not hostile; find_class refuses it as malformed
         qualname, name = _qualname(module, name)
         if qualname not in found and (reason := _hostility(qualname, name, allowed)) is not None:
             found[qualname] = reason
@@ -354,6 +363,7 @@ def _hostility(qualname: str, name: str, allowed: frozenset[str]) -> str | None:
 _MAX_TUPLE_DEPTH = 100  # CPython hashes nested tuples recursively in C: deep ones crash it
 _MAX_MEMO_GAP = 1024  # memo indices grow one by one in real pickles
 _MAX_GLOBALS = 10_000  # distinct globals; each becomes a class
+_MAX_NAME = 1_000  # characters in module + name; Python's longest importable names are far shorter
 
 
 def _prescan(stream: BinaryIO, named: list[tuple[str, str]] | None = None) -> int:

@@ -469,3 +469,26 @@ def _cli_fails_cleanly(path: Path, capsys: pytest.CaptureFixture[str]) -> bool:
     code = main(["inspect", str(path)])
     err = capsys.readouterr().err
     return code == 3 and err.startswith("smartload: unreadable: ") and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------
+# a global's name: one long memoized string named again and again
+
+
+def _long_global_name(size: int, lookups: int) -> bytes:
+    """``STACK_GLOBAL`` of one memoized ``size``-character module name, ``lookups`` times."""
+    module = b"m" * size
+    body = b"X" + len(module).to_bytes(4, "little") + module + b"\x940"  # BINUNICODE, MEMOIZE, POP
+    body += b"h\x00\x8c\x01x\x930" * lookups  # BINGET 0, "x", STACK_GLOBAL, POP
+    return b"\x80\x04" + body + b"}."
+
+
+@pytest.mark.parametrize("lookups", [2_000, 20_000])
+def test_a_long_global_name_is_refused_before_it_is_copied(tmp_path: Path, lookups: int) -> None:
+    """Each lookup used to copy and hash the 500 KB name (20,000 lookups: 10 s)."""
+    path = tmp_path / "names.pkl"
+    path.write_bytes(_long_global_name(500_000, lookups))
+    started = time.perf_counter()
+    with pytest.raises(CheckpointFormatError, match="a global named by 500,001 characters"):
+        smartload.inspect(path)
+    assert time.perf_counter() - started < 2.0
