@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._gc import gc_paused
 from ._report import JsonFile, LoadPlan, LoadReport
+from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +118,14 @@ def load(
         "allow_globals": allow_globals,
     }
 
+    if device is not None:
+        _check_device(device)
+    # an unwritable report_path fails here, before the model is touched
+    destination = _report_file(report_path) if report_path is not None else None
+
     def apply(plan: LoadPlan) -> None:
+        if destination is not None:  # written now; only renamed into place once loaded
+            destination.prepare(LoadReport.from_plan(plan, dry_run=dry_run).to_dict())
         if not dry_run:
             from ._apply import apply_plan
 
@@ -130,8 +138,6 @@ def load(
                 device=device,
             )
 
-    # an unwritable report_path fails here, before the model is touched
-    destination = JsonFile(report_path) if report_path is not None else None
     try:
         with gc_paused():
             plan = _plan_and_apply(model, checkpoint, chosen, planning, apply, dry_run)
@@ -141,7 +147,7 @@ def load(
         raise
     report = LoadReport.from_plan(plan, dry_run=dry_run)
     if destination is not None:
-        destination.write(report.to_dict())
+        destination.commit()
     logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
     return report
 
@@ -165,13 +171,33 @@ def _plan_and_apply(
     previous = _swap_modules(model, rebuilt)
     try:
         plan = diff(model, checkpoint, **planning)
+        plan = replace(plan, notes=(*plan.notes, _rebuilt_note(adapter, rebuilt, dry_run)))
         apply(plan)
     except BaseException:
         _swap_modules(model, previous)
         raise
     if dry_run:
         _swap_modules(model, previous)
-    return replace(plan, notes=(*plan.notes, _rebuilt_note(adapter, rebuilt, dry_run)))
+    return plan
+
+
+def _check_device(device: str | torch.device) -> None:
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgumentError(f"device={device!r} cannot hold tensors here ({exc})") from None
+
+
+def _report_file(path: str | os.PathLike[str]) -> JsonFile:
+    try:
+        return JsonFile(path)
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"report_path {os.fspath(path)!r} cannot be written ({exc.strerror or exc}); "
+            "nothing was loaded"
+        ) from None
 
 
 def _swap_modules(

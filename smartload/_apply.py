@@ -50,6 +50,11 @@ def apply_plan(
     if targets is None:
         targets = model_tensors(model)
     on_meta = _check_meta(model, plan, targets)
+    if device is not None and not on_meta:
+        raise InvalidArgumentError(
+            f"device={str(device)!r} is where a model on the meta device gets its tensors; this "
+            "model has none on meta. Move it with model.to(device) instead"
+        )
     _log_size(plan)
     materializer = Materializer(plan.sources, verify_crc=verify_checksums)
     values: dict[str, torch.Tensor] = {}
@@ -72,21 +77,20 @@ def apply_plan(
         elif entry.action in ("copy", "slice"):
             assert entry.source is not None
             source = materializer.tensor(plan.tensors[entry.source])
-            if source.shape != entry.ckpt_shape:
-                raise CheckpointFormatError(
-                    plan.checkpoint, f"tensor {entry.source!r} changed shape"
-                )
             checked[entry.source] = (source, entry.ckpt_dtype or "")
             if not isinstance(target, torch.nn.Parameter):
                 buffers[entry.source] = target
-            if entry.key in plan.transforms:  # an adapter's conversion
-                source = plan.transforms[entry.key](source)
-                if source.shape != entry.model_shape:
-                    raise InvalidArgumentError(
-                        f"{entry.transform} gave shape {list(source.shape)} for {entry.key!r}, "
-                        f"not {list(entry.model_shape)}; this is a bug in the {plan.adapter} adapter"
-                    )
+        if source is not None and source.shape != entry.ckpt_shape:
+            raise CheckpointFormatError(plan.checkpoint, f"tensor {entry.source!r} changed shape")
+        if source is not None and entry.key in plan.transforms:  # a conversion the plan chose
+            source = plan.transforms[entry.key](source)
         values[entry.key], misfit = _value(entry, source, target)
+        if values[entry.key].shape != target.shape:  # writing must not be able to fail
+            raise InvalidArgumentError(
+                f"{entry.transform or entry.action} gave shape {list(values[entry.key].shape)} "
+                f"for {entry.key!r}, not {list(target.shape)}; this is a bug in smartload or in "
+                f"the {plan.adapter} adapter. Nothing was loaded"
+            )
         if misfit is not None:
             misfits.append((entry, misfit))
     if on_nonfinite == "error" and (nonfinite := _nonfinite(checked, buffers)):
@@ -123,6 +127,14 @@ def _check_meta(
         for name, b in model.named_buffers()
         if b.is_meta and name not in targets  # non-persistent: no checkpoint has them
     ]
+    custom = _custom_loaders(model)
+    owned = sorted({o for k, t in targets.items() if id(t) in meta and (o := _owner(k)) in custom})
+    if owned:
+        raise InvalidArgumentError(
+            f"module(s) {', '.join(owned[:5])} load through their own _load_from_state_dict and "
+            "are on the meta device: smartload cannot run that loader while it creates their "
+            "tensors. Nothing was loaded. Call model.to_empty(device=...) first, then load"
+        )
     if empty:
         raise IncompatibleCheckpointError(
             empty,
@@ -358,7 +370,7 @@ def _commit(
     if custom:
         rest: dict[str, torch.Tensor] = {}
         for key, value in values.items():
-            owner = key.rpartition(".")[0]
+            owner = _owner(key)
             if owner in custom:
                 routed.setdefault(owner, {})[key] = value
             else:
@@ -373,6 +385,10 @@ def _commit(
         else:  # a model on an accelerator: copy_ moves each tensor there
             for destination, source in zip(destinations, sources, strict=True):
                 destination.copy_(source)
+
+
+def _owner(key: str) -> str:
+    return key.rpartition(".")[0]
 
 
 def _custom_loaders(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -17,7 +17,7 @@ import torch
 
 from ._inspect import CheckpointInfo, inspect
 from ._plan import open_checkpoint
-from ._tensors import Materializer, ReadBudget, stored_bytes
+from ._tensors import Materializer, ReadBudget, reducible, stored_bytes
 
 __all__ = ["CheckpointComparison", "ValueDifference", "compare_checkpoints"]
 
@@ -127,8 +127,7 @@ def _compare_tensors(
     elements, largest = 0, 0.0
     for start in range(0, flat_a.numel(), CHUNK):
         chunk_a, chunk_b = flat_a[start : start + CHUNK], flat_b[start : start + CHUNK]
-        if chunk_a.is_floating_point() and chunk_a.element_size() == 1:  # float8: no == on CPU
-            chunk_a, chunk_b = chunk_a.float(), chunk_b.float()
+        chunk_a, chunk_b = reducible(chunk_a), reducible(chunk_b)  # float8, complex32
         if torch.equal(chunk_a, chunk_b):
             continue
         count, chunk_max = _chunk_difference(chunk_a, chunk_b)

@@ -22,7 +22,7 @@ from . import __version__
 from ._formats import _SAFETENSORS_DTYPES
 from ._plan import open_checkpoint
 from ._records import ArrayRecord, TensorRecord
-from ._tensors import Materializer, ReadBudget, stored_bytes, stored_values
+from ._tensors import Materializer, ReadBudget, reducible, stored_bytes, stored_values
 from .errors import CheckpointFormatError
 
 __all__ = ["TensorScan", "convert_to_safetensors", "scan"]
@@ -93,6 +93,7 @@ def _view_of(leaf: Any) -> Any:
 
 
 def _scan_values(key: str, t: torch.Tensor) -> TensorScan:
+    t = reducible(t)
     nan = inf = 0
     if t.is_floating_point() or t.is_complex():
         nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
@@ -169,7 +170,7 @@ def convert_to_safetensors(
 
 
 def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(reducible(t)).all())
 
 
 _TORCH_CODES = {getattr(torch, name): code for name, code in _CODES.items() if hasattr(torch, name)}

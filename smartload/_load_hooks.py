@@ -25,7 +25,7 @@ import torch
 
 from ._normalize import leaf_dtype, leaf_shape
 from ._tensors import torch_dtype
-from .errors import IncompatibleCheckpointError, SmartloadError
+from .errors import IncompatibleCheckpointError
 
 __all__ = ["Computed", "HookedKeys", "compute", "hooked_roots", "translate"]
 
@@ -88,8 +88,10 @@ def translate(
         out.roots[prefix] = names
         try:
             run = _Run.over({k: _meta(leaves[ck]) for k, ck in names.items()}, root, prefix)
-        except Exception:  # the hook reads values: plan over the real tensors
+        except _HookFailed:  # the hook reads values: plan over the real tensors
             run = _Run.over({k: read(ck) for k, ck in names.items()}, root, prefix)
+        except _HookRefused as refused:  # the hook said no: no need to read anything
+            raise IncompatibleCheckpointError([], str(refused)) from None
         run.classify(names, prefix, out)
     return out
 
@@ -102,6 +104,18 @@ def compute(
     copy it."""
     module = model.get_submodule(root[:-1]) if root else model
     return _Run.over({k: read(ck) for k, ck in names.items()}, module, root).values
+
+
+class _HookRefused(Exception):
+    """A hook reported an error (``error_msgs``): the model refuses the checkpoint."""
+
+
+class _HookFailed(IncompatibleCheckpointError):
+    """A hook raised: on meta stand-ins it may only need values, so the plan tries the real
+    tensors; raised from those, it is the model refusing the checkpoint."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__([], message)
 
 
 class _Run:
@@ -123,11 +137,10 @@ class _Run:
         run = cls(state)
         try:
             run.visit(root, dict(state), prefix)
-        except SmartloadError:
-            raise
+        except _HookRefused as refused:
+            raise IncompatibleCheckpointError([], str(refused)) from None
         except Exception as exc:
-            raise IncompatibleCheckpointError(
-                [],
+            raise _HookFailed(
                 f"a load pre-hook under {prefix[:-1] or 'the model'!r} failed on this checkpoint "
                 f"({type(exc).__name__}: {exc}); load_state_dict would fail too. Nothing was loaded",
             ) from exc
@@ -145,8 +158,8 @@ class _Run:
             for hook in module._load_state_dict_pre_hooks.values():
                 hook(local, prefix, {}, True, [], [], errors)
             if errors:
-                raise IncompatibleCheckpointError(
-                    [], f"a load pre-hook of {prefix[:-1] or 'the model'!r} refused: {errors[0]}"
+                raise _HookRefused(
+                    f"a load pre-hook of {prefix[:-1] or 'the model'!r} refused: {errors[0]}"
                 )
             described = _describe(module, prefix)
             after = {id(v): k for k, v in local.items()}

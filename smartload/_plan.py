@@ -230,6 +230,15 @@ def make_plan(
         checkpoint, ema=ema, state_dict_path=state_dict_path, allow_globals=allow_globals
     )
     model_sd = model_tensors(model)  # kept in the plan: apply copies into these same tensors
+    if lazy := [k for k, t in model_sd.items() if torch.nn.parameter.is_lazy(t)]:
+        raise InvalidArgumentError(
+            f"the model has uninitialized (lazy) parameters: {', '.join(lazy[:5])}"
+            + (" ..." if len(lazy) > 5 else "")
+            + "; run one forward pass with a sample input so that they get their shapes, "
+            "then load"
+        )
+    if num_classes is None and target_classes is not None:
+        num_classes = len(target_classes)  # the names say how many classes the model has
     chosen = select_adapter(model, adapter)
     # A framework adapter knows its heads; the generic guess (the last Linear) needs num_classes.
     rules = chosen.head_rules(model) if num_classes is not None or chosen.knows_heads else []

@@ -268,29 +268,33 @@ def save_json(path: str | os.PathLike[str], data: Any) -> None:
 
 class JsonFile:
     """A JSON file written atomically. Its temporary file is made at once, so an unwritable path
-    fails before the work that makes the content (a load), and the content lands in one rename."""
+    fails before the work that makes the content (a load); :meth:`prepare` writes the content
+    there and :meth:`commit` renames it into place, the one step left after the work."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        self._fd, self._tmp = tempfile.mkstemp(prefix=".smartload-", suffix=".json", dir=folder)
+        fd, self._tmp = tempfile.mkstemp(prefix=".smartload-", suffix=".json", dir=folder)
+        os.close(fd)
+
+    def prepare(self, data: Any) -> None:
+        with open(self._tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+    def commit(self) -> None:
+        os.replace(self._tmp, self.path)
 
     def write(self, data: Any) -> None:
         try:
-            with os.fdopen(self._fd, "w") as f:
-                json.dump(data, f, indent=2)
-                f.write("\n")
-            os.replace(self._tmp, self.path)
+            self.prepare(data)
+            self.commit()
         except BaseException:
             self.discard()
             raise
 
     def discard(self) -> None:
         """Give up: remove the temporary file (the path is left as it was)."""
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass  # already closed by write()
         if os.path.exists(self._tmp):
             os.unlink(self._tmp)

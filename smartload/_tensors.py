@@ -16,7 +16,14 @@ from ._formats import Source
 from ._records import ArrayRecord, TensorRecord
 from .errors import CheckpointFormatError
 
-__all__ = ["Materializer", "ReadBudget", "stored_bytes", "stored_values", "torch_dtype"]
+__all__ = [
+    "reducible",
+    "Materializer",
+    "ReadBudget",
+    "stored_bytes",
+    "stored_values",
+    "torch_dtype",
+]
 
 
 @functools.cache  # once per dtype name, not once per tensor
@@ -181,3 +188,13 @@ def stored_bytes(leaves: Mapping[str, Any], sources: Mapping[str, Source]) -> in
     """The bytes a checkpoint stores: its storages, and its arrays pickled inline, each once."""
     arrays = {id(leaf): leaf.nbytes for leaf in leaves.values() if type(leaf) is ArrayRecord}
     return sum(source.nbytes for source in sources.values()) + sum(arrays.values())
+
+
+def reducible(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy in a dtype torch can reduce and compare (float8 → float32, complex32 →
+    complex64: torch has no isnan, isfinite or == for those on the CPU)."""
+    if t.dtype == torch.complex32:
+        return t.to(torch.complex64)
+    if t.is_floating_point() and t.element_size() == 1:
+        return t.float()
+    return t

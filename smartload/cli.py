@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, exc, EXIT_INCOMPATIBLE, "incompatible")
     except SmartloadError as exc:
         return _fail(args, exc, EXIT_USAGE, "error")
+    except OSError as exc:  # a path the user gave: missing, unreadable, a full disk
+        failure = CheckpointFormatError(exc.filename or "?", exc.strerror or str(exc))
+        return _fail(args, failure, EXIT_UNREADABLE, "unreadable")
 
 
 def _console(stderr: bool = False) -> Console:
@@ -411,7 +414,11 @@ def _class_map(text: str | None) -> list[int | str | None] | None:
     out: list[int | str | None] = []
     for part in (p.strip() for p in text.split(",")):
         out.append(
-            None if part.lower() in ("none", "-", "") else int(part) if part.isdigit() else part
+            None
+            if part.lower() in ("none", "-", "")
+            else int(part)
+            if part.isdecimal() and part.isascii()
+            else part
         )
     return out
 

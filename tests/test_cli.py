@@ -396,3 +396,25 @@ def test_text_from_the_file_is_never_read_as_markup(
     assert code == 0
     assert "args        argparse.Namespace [inert, not executed]" in lines(out)
     assert any(line.startswith("  [bold]w") for line in lines(out))
+
+
+def test_float8_files_scan_and_convert_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch has no isnan/isfinite for float8 on the CPU: the scan and convert upcast."""
+    path = tmp_path / "f8.pth"
+    nan = torch.tensor([float("nan"), 1.0]).to(torch.float8_e5m2)
+    torch.save({"a": torch.ones(4).to(torch.float8_e4m3fn), "b": nan}, path)
+    assert main(["inspect", str(path), "--scan"]) == 0
+    assert "  non-finite  b: 1 NaN, 0 Inf" in capsys.readouterr().out
+    assert main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 3
+    assert "non-finite" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_does_not_exist_is_unreadable_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ckpt.pth"
+    torch.save(make_net().state_dict(), path)
+    assert main(["convert", str(path), str(tmp_path / "missing" / "out.safetensors")]) == 3
+    assert "smartload: unreadable:" in capsys.readouterr().err

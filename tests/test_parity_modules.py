@@ -426,8 +426,96 @@ def test_unwritable_report_path_fails_before_the_model_is_touched(tmp_path: Path
     (tmp_path / "file").write_text("not a folder")
     model = nn.Linear(4, 2)
     before = snapshot(model)
-    with pytest.raises(OSError):
+    with pytest.raises(smartload.InvalidArgumentError, match="cannot be written"):
         smartload.load(model, path, report_path=tmp_path / "file" / "report.json")
     assert_unchanged(model, before)
     smartload.load(model, path, report_path=tmp_path / "out" / "report.json")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
+
+
+class _ScalarFromHook(nn.Module):
+    """A pre-hook computes a one-element vector for a 0-d buffer, beside a module with its own
+    loader: the value is reshaped as for any [1] → 0-d copy, and nothing is half-written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.observer = _observer(None)
+        self._register_load_state_dict_pre_hook(self._old_scale)
+
+    @staticmethod
+    def _old_scale(state: dict[str, Any], prefix: str, *args: Any) -> None:
+        if prefix + "old_scale" in state:
+            state[prefix + "scale"] = state.pop(prefix + "old_scale") * 2
+
+
+def test_a_computed_one_element_value_loads_into_a_scalar(tmp_path: Path) -> None:
+    state = {k: v for k, v in _ScalarFromHook().state_dict().items() if k != "scale"}
+    state["old_scale"] = torch.tensor([3.5])
+    path = tmp_path / "ckpt.pth"
+    torch.save(state, path)
+    expected = _ScalarFromHook()
+    expected.load_state_dict(torch.load(path, weights_only=True))
+    model = _ScalarFromHook()
+    smartload.load(model, path)
+    assert_same_tensors(model.state_dict(), expected.state_dict())
+    assert model.scale.item() == 7.0
+
+
+def test_a_refusing_pre_hook_reads_no_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hook's error is known from the meta stand-ins: no value is read to find it."""
+    from smartload._tensors import Materializer
+
+    path = tmp_path / "ckpt.pth"
+    torch.save(nn.Linear(4, 2).state_dict(), path)
+    reads: list[object] = []
+    real = Materializer.tensor
+    monkeypatch.setattr(
+        Materializer, "tensor", lambda self, leaf: reads.append(leaf) or real(self, leaf)
+    )
+    with pytest.raises(smartload.IncompatibleCheckpointError, match="refused: weight: written by"):
+        smartload.diff(_Refuses(), path)
+    assert reads == []
+    smartload.diff(_Scaled(), path)  # a hook that needs values does read them
+    assert len(reads) == 2
+
+
+def test_lazy_modules_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    """torch materialises a lazy module from the checkpoint; smartload says what to do and
+    leaves it uninitialised (its load hook is not run by a plan)."""
+    path = tmp_path / "ckpt.pth"
+    torch.save(nn.Linear(3, 2).state_dict(), path)
+    model = nn.LazyLinear(2)
+    with pytest.raises(
+        smartload.InvalidArgumentError, match="uninitialized \\(lazy\\) parameters: weight, bias"
+    ):
+        smartload.diff(model, path)
+    assert torch.nn.parameter.is_lazy(model.weight)
+
+
+def test_a_meta_module_with_its_own_loader_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pth"
+    torch.save(nn.Sequential(nn.Linear(3, 3), _observer(torch.randn(4))).state_dict(), path)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 3), _observer(None))
+    with pytest.raises(
+        smartload.InvalidArgumentError, match="module\\(s\\) 1 load through their own"
+    ):
+        smartload.load(model, path)
+    assert model[0].weight.is_meta
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("bogus", "device='bogus' cannot hold tensors here"), ("cpu", "this model has none on meta")],
+)
+def test_device_is_checked(tmp_path: Path, device: str, message: str) -> None:
+    path = tmp_path / "ckpt.pth"
+    torch.save(nn.Linear(3, 2).state_dict(), path)
+    model = nn.Linear(3, 2)
+    before = snapshot(model)
+    with pytest.raises(smartload.InvalidArgumentError, match=message):
+        smartload.load(model, path, device=device)
+    assert_unchanged(model, before)
