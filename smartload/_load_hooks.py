@@ -125,9 +125,8 @@ class _Run:
     def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
         self.origin = {id(v): (k, v._version) for k, v in state.items()}
         self.values: dict[str, torch.Tensor] = {}  # each module's own keys after the hooks
-        self.consumed: dict[
-            str, str
-        ] = {}  # key before the hooks → the hooks that took or renamed it
+        # key before the hooks → the hooks that took it away or renamed it
+        self.consumed: dict[str, str] = {}
         self.made: dict[str, tuple[str, list[str]]] = {}  # computed key → (hooks, inputs)
 
     @classmethod
