@@ -97,7 +97,8 @@ def load(
     - ``allow_globals``: hostile-listed globals you accept outside the state dict (kept inert).
     - ``device``: where a model built on the meta device gets its tensors (default cpu). Every
       key then needs a value from the checkpoint or a ``reinit-normal`` policy; parameters keep
-      their type and ``requires_grad`` (``load_state_dict(assign=True)`` semantics).
+      their type and ``requires_grad`` (like ``load_state_dict(assign=True)``, in the
+      model's dtypes).
 
     All or nothing: on any error the model is unchanged. With ``dry_run`` nothing is read beyond
     the structure and the model is not touched. ``report_path`` receives the JSON report.
@@ -105,18 +106,22 @@ def load(
     from .adapters import select_adapter
 
     chosen = select_adapter(model, adapter)
-    planning: dict[str, Any] = {
-        "num_classes": num_classes,
-        "class_map": class_map,
-        "policies": policies,
-        "ema": ema,
-        "rename": rename,
-        "state_dict_path": state_dict_path,
-        "source_classes": source_classes,
-        "target_classes": target_classes,
-        "adapter": chosen,
-        "allow_globals": allow_globals,
-    }
+
+    def make() -> LoadPlan:
+        return diff(
+            model,
+            checkpoint,
+            num_classes=num_classes,
+            class_map=class_map,
+            policies=policies,
+            ema=ema,
+            rename=rename,
+            state_dict_path=state_dict_path,
+            source_classes=source_classes,
+            target_classes=target_classes,
+            adapter=chosen,
+            allow_globals=allow_globals,
+        )
 
     if device is not None:
         _check_device(device)
@@ -134,18 +139,18 @@ def load(
                 plan,
                 on_nonfinite=on_nonfinite,
                 verify_checksums=verify_checksums,
-                targets=plan.targets,  # the model was walked once, for the plan
+                targets=plan.targets,  # the model's tensors, as the plan found them
                 device=device,
             )
 
     try:
         with gc_paused():
-            plan = _plan_and_apply(model, checkpoint, chosen, planning, apply, dry_run)
+            done = _plan_and_apply(model, chosen, make, apply, dry_run)
     except BaseException:
         if destination is not None:
             destination.discard()
         raise
-    report = LoadReport.from_plan(plan, dry_run=dry_run)
+    report = LoadReport.from_plan(done, dry_run=dry_run)
     if destination is not None:
         destination.commit()
     logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
@@ -154,31 +159,30 @@ def load(
 
 def _plan_and_apply(
     model: torch.nn.Module,
-    checkpoint: Any,
     adapter: Adapter,
-    planning: Mapping[str, Any],
+    make: Callable[[], LoadPlan],
     apply: Callable[[LoadPlan], None],
     dry_run: bool,
 ) -> LoadPlan:
     """Plan, let the adapter rebuild modules its framework's loading would replace (then plan
     again with them in place), and apply. On any error, and on a dry run, the model keeps its
     own modules."""
-    plan = diff(model, checkpoint, **planning)
-    rebuilt = adapter.rebuild_modules(model, plan)
+    first = make()
+    rebuilt = adapter.rebuild_modules(model, first)
     if not rebuilt:
-        apply(plan)
-        return plan
+        apply(first)
+        return first
     previous = _swap_modules(model, rebuilt)
     try:
-        plan = diff(model, checkpoint, **planning)
-        plan = replace(plan, notes=(*plan.notes, _rebuilt_note(adapter, rebuilt, dry_run)))
-        apply(plan)
+        again = make()
+        again = replace(again, notes=(*again.notes, _rebuilt_note(adapter, rebuilt, dry_run)))
+        apply(again)
     except BaseException:
         _swap_modules(model, previous)
         raise
     if dry_run:
         _swap_modules(model, previous)
-    return plan
+    return again
 
 
 def _check_device(device: str | torch.device) -> None:

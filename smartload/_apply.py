@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ._load_hooks import compute
-from ._plan import model_tensors
+from ._plan import dtype_refusal, model_tensors
 from ._records import DTYPE_ITEMSIZE
 from ._report import LoadPlan, PlanEntry
 from ._tensors import Materializer, stored_values
@@ -102,11 +102,12 @@ def apply_plan(
             "on_nonfinite='allow' to load them anyway, or policies={key: 'reinit-normal'}",
         )
     if misfits:
-        raise _misfit_error(plan, misfits)
+        raise dtype_refusal("values that the model's dtype cannot hold", misfits, plan.checkpoint)
     if plan.format == "mapping":  # tensors in memory: the model's own, or on another device
         _take_apart(values, targets)
     _check_writable(targets, values)
-    _write(model, targets, values, torch.device(device or "cpu") if on_meta else None)
+    meta_device = torch.device(device or "cpu") if on_meta else None
+    _write(model, plan.loaders, targets, values, meta_device)
 
 
 def _check_meta(
@@ -127,7 +128,7 @@ def _check_meta(
         for name, b in model.named_buffers()
         if b.is_meta and name not in targets  # non-persistent: no checkpoint has them
     ]
-    custom = _custom_loaders(model)
+    custom = plan.loaders
     owned = sorted({o for k, t in targets.items() if id(t) in meta and (o := _owner(k)) in custom})
     if owned:
         raise InvalidArgumentError(
@@ -149,6 +150,7 @@ def _check_meta(
 
 def _write(
     model: torch.nn.Module,
+    loaders: Mapping[str, torch.nn.Module],
     targets: Mapping[str, torch.Tensor],
     values: Mapping[str, torch.Tensor],
     meta_device: torch.device | None,
@@ -158,20 +160,21 @@ def _write(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if meta_device is not None:
-            _materialise(model, targets, values, meta_device)
+            _materialise(model, loaders, targets, values, meta_device)
         else:
-            _commit(model, targets, values)
+            _commit(loaders, targets, values)
     for warning in caught:
         logger.warning("while loading: %s: %s", warning.category.__name__, warning.message)
 
 
 def _materialise(
     model: torch.nn.Module,
+    loaders: Mapping[str, torch.nn.Module],
     targets: Mapping[str, torch.Tensor],
     values: Mapping[str, torch.Tensor],
     device: torch.device,
 ) -> None:
-    """Give a model on the meta device new tensors (``load_state_dict(assign=True)`` semantics:
+    """Give a model on the meta device new tensors (like ``load_state_dict(assign=True)``:
     parameter type and ``requires_grad`` kept), in the model's dtypes, on ``device``. Tensors
     shared under several names stay shared. Tensors not on meta are copied into as usual, first:
     a module's own loader may refuse, and the meta tensors are replaced only after that."""
@@ -189,7 +192,7 @@ def _materialise(
                 if isinstance(target, torch.nn.Parameter):
                     data = torch.nn.Parameter(data, requires_grad=target.requires_grad)
                 new = made[id(target)] = data
-    _commit(model, targets, plain)
+    _commit(loaders, targets, plain)
     for module in model.modules():
         for slots in (module._parameters, module._buffers):
             _replace_in(slots, made)
@@ -359,12 +362,14 @@ def _value(
 
 
 def _commit(
-    model: torch.nn.Module, targets: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+    custom: Mapping[str, torch.nn.Module],
+    targets: Mapping[str, torch.Tensor],
+    values: Mapping[str, torch.Tensor],
 ) -> None:
     """Copy ``values`` (already in their targets' dtypes and shapes) into the model. Modules with
     their own loading go first, one snapshot each: when one refuses, the ones before it are put
-    back and the refusal raised with the model as it was. The rest cannot fail: one copy."""
-    custom = _custom_loaders(model)
+    back and the refusal raised with the model as it was (``custom``: those modules, by name,
+    as the plan found them). The rest cannot fail: one copy."""
     routed: dict[str, dict[str, torch.Tensor]] = {}
     plain: Mapping[str, torch.Tensor] = values
     if custom:
@@ -389,24 +394,6 @@ def _commit(
 
 def _owner(key: str) -> str:
     return key.rpartition(".")[0]
-
-
-def _custom_loaders(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Modules whose loading must go through their own ``_load_from_state_dict``, and those with
-    extra state (a copy into what ``get_extra_state`` returned would be lost). Load pre-hooks
-    are not run here: the plan already ran them (``_load_hooks``).
-
-    BatchNorm's override only fills in ``num_batches_tracked`` for very old checkpoints, which a
-    copy by name already handles (the key is then "missing" and keeps the model's value).
-    """
-    base = torch.nn.Module
-    norm = torch.nn.modules.batchnorm._NormBase._load_from_state_dict
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if type(m)._load_from_state_dict not in (base._load_from_state_dict, norm)
-        or type(m).set_extra_state is not base.set_extra_state
-    }
 
 
 def _load_custom(
@@ -574,21 +561,6 @@ def _reduce(t: torch.Tensor, finite: bool) -> tuple[float, float] | None:
         kept = t[torch.isfinite(t)]  # only with NaN or Inf in the checkpoint, allowed
         return _reduce(kept, False) if kept.numel() else None
     return lo, hi
-
-
-def _misfit_error(
-    plan: LoadPlan, misfits: list[tuple[PlanEntry, str]]
-) -> IncompatibleCheckpointError:
-    shown = [f"{e.key} ({e.ckpt_dtype} → {e.model_dtype}: {why})" for e, why in misfits[:10]]
-    more = f"; and {len(misfits) - 10} more" if len(misfits) > 10 else ""
-    first = misfits[0][0].key
-    return IncompatibleCheckpointError(
-        [(e.key, e.ckpt_shape, e.model_shape) for e, _ in misfits],
-        "values that the model's dtype cannot hold: " + "; ".join(shown) + more + ". Nothing "
-        "was loaded. Build the model in the checkpoint's dtype, or pass "
-        f"policies={{{first!r}: 'skip' | 'reinit-normal'}} to leave the key out",
-        plan.checkpoint,
-    )
 
 
 def _take_apart(values: dict[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> None:

@@ -27,7 +27,7 @@ from ._normalize import leaf_dtype, leaf_shape
 from ._tensors import torch_dtype
 from .errors import IncompatibleCheckpointError
 
-__all__ = ["Computed", "HookedKeys", "compute", "hooked_roots", "translate"]
+__all__ = ["Computed", "HookedKeys", "ModuleRoles", "compute", "module_roles", "translate"]
 
 Reader = Callable[[str], torch.Tensor]  # checkpoint key → its real tensor
 
@@ -52,29 +52,54 @@ class HookedKeys:
     roots: dict[str, dict[str, str]]  # subtree prefix → {key before the hooks: checkpoint key}
 
 
-def hooked_roots(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The top-most modules that have load pre-hooks, by prefix ("" for the root, else "a.b.")."""
-    roots: dict[str, torch.nn.Module] = {}
+@dataclass(frozen=True)
+class ModuleRoles:
+    """The modules whose loading is more than a copy by name, found in one walk of the model."""
+
+    hooked: dict[str, torch.nn.Module]  # top-most modules with load pre-hooks, by prefix "a.b."
+    loaders: dict[str, torch.nn.Module]  # own _load_from_state_dict or extra state, by name
+
+
+def module_roles(model: torch.nn.Module) -> ModuleRoles:
+    """Pre-hooked subtrees (the plan runs their hooks) and modules whose values must go through
+    their own ``_load_from_state_dict`` or ``set_extra_state`` (a copy into what
+    ``get_extra_state`` returned would be lost).
+
+    BatchNorm's override only fills in ``num_batches_tracked`` for very old checkpoints, which a
+    copy by name already handles (the key is then "missing" and keeps the model's value).
+    """
+    base = torch.nn.Module
+    plain = (base._load_from_state_dict, torch.nn.modules.batchnorm._NormBase._load_from_state_dict)
+    hooked: dict[str, torch.nn.Module] = {}
+    loaders: dict[str, torch.nn.Module] = {}
     for name, module in model.named_modules():
         prefix = name + "." if name else ""
-        if module._load_state_dict_pre_hooks and not any(prefix.startswith(r) for r in roots):
-            roots[prefix] = module
-    return roots
+        if module._load_state_dict_pre_hooks and not any(prefix.startswith(r) for r in hooked):
+            hooked[prefix] = module
+        cls = type(module)
+        if (
+            cls._load_from_state_dict not in plain
+            or cls.set_extra_state is not base.set_extra_state
+        ):
+            loaders[name] = module
+    return ModuleRoles(hooked, loaders)
 
 
 def translate(
-    model: torch.nn.Module,
+    roots: Mapping[str, torch.nn.Module],
     matched: Mapping[str, str],
     leaves: Mapping[str, Any],
     read: Reader,
+    *,
+    in_file: Mapping[str, str] | None = None,
 ) -> HookedKeys | None:
-    """Run the model's load pre-hooks over the checkpoint's keys.
+    """Run the load pre-hooks of the subtrees at ``roots`` over the checkpoint's keys.
 
     ``matched`` maps checkpoint keys to the model-namespace keys torch would see (after renames
-    and prefix handling), ``leaves`` gives each checkpoint key's record. None when no module has
-    pre-hooks.
+    and prefix handling), ``leaves`` gives each checkpoint key's record, ``in_file`` the name
+    in the file of keys an adapter renamed (``roots`` holds those: applying reads by them).
+    None when no module has pre-hooks.
     """
-    roots = hooked_roots(model)
     if not roots:
         return None
     out = HookedKeys({}, {}, {}, {})
@@ -85,7 +110,7 @@ def translate(
         names = {k: v for k, v in by_name.items() if k.startswith(prefix)}
         if not names:
             continue
-        out.roots[prefix] = names
+        out.roots[prefix] = {k: (in_file or {}).get(ck, ck) for k, ck in names.items()}
         try:
             run = _Run.over({k: _meta(leaves[ck]) for k, ck in names.items()}, root, prefix)
         except _HookFailed:  # the hook reads values: plan over the real tensors

@@ -20,7 +20,7 @@ import torch
 
 from ._formats import RawCheckpoint, read
 from ._heads import HeadRule, class_map_by_names, resolve_class_map, source_rows
-from ._load_hooks import HookedKeys, translate
+from ._load_hooks import HookedKeys, module_roles, translate
 from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape, match_keys
 from ._report import ACTIONS, HeadChange, LoadPlan, PlanEntry
@@ -29,7 +29,7 @@ from ._unpickler import inert_globals
 from .adapters import Adapter, Conversion, select_adapter
 from .errors import CheckpointFormatError, IncompatibleCheckpointError, InvalidArgumentError
 
-__all__ = ["make_plan", "model_tensors"]
+__all__ = ["dtype_refusal", "make_plan", "model_tensors"]
 
 _FLOAT8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 _EXACT_CASTS = {
@@ -274,7 +274,9 @@ def make_plan(
         tensors, originals = prepared
 
     matched = match_keys(tensors, model_sd, rename)
-    hooked = translate(model, matched, tensors, Materializer(ckpt.sources).tensor_of(tensors))
+    roles = module_roles(model)
+    read = Materializer(ckpt.sources).tensor_of(tensors)
+    hooked = translate(roles.hooked, matched, tensors, read, in_file=originals)
     feeds: dict[str, str] = {}  # model key → checkpoint key
     unused: list[str] = []
     for ckpt_key, model_key in matched.items():
@@ -336,9 +338,6 @@ def make_plan(
             f"{on_meta} model tensor(s) on the meta device: load() gives them new tensors "
             "(device=..., default cpu)"
         )
-    if hooked is not None and originals:  # apply reads by the names in the file
-        for names in hooked.roots.values():
-            names.update({k: originals.get(v, v) for k, v in names.items()})
     return LoadPlan(
         checkpoint=ckpt.path,
         format=ckpt.format,
@@ -357,6 +356,7 @@ def make_plan(
         transforms=ctx.transforms,
         targets=model_sd,
         hooked=hooked,
+        loaders=roles.loaders,
     )
 
 
@@ -604,11 +604,14 @@ def _check_casts(
             refused.append((e, why))
         out.append(e)
     if refused:
-        raise IncompatibleCheckpointError(
-            [(e.key, e.ckpt_shape, e.model_shape) for e, _ in refused],
-            _cast_hint(refused),
-            path,
+        complex_only = all(why == _COMPLEX_TO_REAL for _, why in refused)
+        fix = (
+            f"pass policies={{{refused[0][0].key!r}: 'copy'}} to keep only the real part (what "
+            "load_state_dict does, with a warning), "
+            if complex_only
+            else ""
         )
+        raise dtype_refusal("dtypes that cannot be cast", refused, path, fix)
     return out
 
 
@@ -617,21 +620,19 @@ def _asks_for_values(policies: list[tuple[str, str]], key: str) -> bool:
     return policy is not None and policy[1] in ("copy", "slice")
 
 
-def _cast_hint(refused: list[tuple[PlanEntry, str]]) -> str:
-    shown = [f"{e.key} {e.ckpt_dtype} → {e.model_dtype}: {why}" for e, why in refused[:10]]
-    more = f"; and {len(refused) - 10} more" if len(refused) > 10 else ""
-    first = refused[0][0].key
-    complex_only = all(why == _COMPLEX_TO_REAL for _, why in refused)
-    fix = (
-        f"pass policies={{{first!r}: 'copy'}} to keep only the real part (what load_state_dict "
-        "does, with a warning), "
-        if complex_only
-        else ""
-    )
-    return (
-        "dtypes that cannot be cast: " + "; ".join(shown) + more + ". Nothing was loaded. Build "
-        f"the model in the checkpoint's dtype, {fix}or pass policies={{{first!r}: 'skip' | "
-        "'reinit-normal'} to leave the key out"
+def dtype_refusal(
+    problem: str, found: list[tuple[PlanEntry, str]], path: str, fix: str = ""
+) -> IncompatibleCheckpointError:
+    """Keys whose values the model's dtypes cannot take (``found``: entry, why), the first ten
+    shown, with what to do."""
+    shown = [f"{e.key} ({e.ckpt_dtype} → {e.model_dtype}: {why})" for e, why in found[:10]]
+    more = f"; and {len(found) - 10} more" if len(found) > 10 else ""
+    return IncompatibleCheckpointError(
+        [(e.key, e.ckpt_shape, e.model_shape) for e, _ in found],
+        f"{problem}: " + "; ".join(shown) + more + ". Nothing was loaded. Build the model in "
+        f"the checkpoint's dtype, {fix}or pass policies={{{found[0][0].key!r}: 'skip' | "
+        "'reinit-normal'} to leave the key out",
+        path,
     )
 
 

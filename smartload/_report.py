@@ -185,6 +185,7 @@ class LoadPlan(_Outcome):
     transforms: Mapping[str, Any] = field(default_factory=dict, compare=False)  # key → callable
     targets: Mapping[str, Any] = field(default_factory=dict, compare=False)  # key → model tensor
     hooked: Any = field(default=None, compare=False)  # what load pre-hooks do (_load_hooks)
+    loaders: Mapping[str, Any] = field(default_factory=dict, compare=False)  # own loading, by name
 
     def _title(self) -> str:
         return "plan for"

@@ -85,8 +85,8 @@ def test_complex_into_float_under_w_error_is_refused_before_writing(
         "outcome": (
             f"IncompatibleCheckpointError: cannot load 1 key(s) from {complex_checkpoint}:\n"
             "  0.weight: checkpoint [2, 3] vs model [2, 3]\n"
-            "dtypes that cannot be cast: 0.weight complex64 → float32: a complex → real cast "
-            "discards the imaginary part. Nothing was loaded. Build the model in the "
+            "dtypes that cannot be cast: 0.weight (complex64 → float32: a complex → real cast "
+            "discards the imaginary part). Nothing was loaded. Build the model in the "
             "checkpoint's dtype, pass policies={'0.weight': 'copy'} to keep only the real part "
             "(what load_state_dict does, with a warning), or pass policies={'0.weight': 'skip' "
             "| 'reinit-normal'} to leave the key out"
