@@ -155,7 +155,8 @@ def _write(
     values: Mapping[str, torch.Tensor],
     meta_device: torch.device | None,
 ) -> None:
-    """Phase 2: every value already has its target's dtype and shape. Warnings are recorded and
+    """Phase 2: every value already has its target's shape, and its dtype or one the copy
+    casts into it exactly (no value can be lost, nothing can fail). Warnings are recorded and
     logged afterwards, so that a ``-W error`` filter cannot raise one half-way through."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -337,11 +338,14 @@ def _finite_by_chunks(t: torch.Tensor) -> bool:
 def _value(
     entry: PlanEntry, source: torch.Tensor | None, target: torch.Tensor
 ) -> tuple[torch.Tensor, str | None]:
-    """The value ``entry`` writes, in the target's dtype; or what keeps the checkpoint's values
-    from fitting that dtype (then nothing is written)."""
+    """The value ``entry`` writes, in the target's dtype (or the checkpoint's, where the copy
+    casts exactly); or what keeps the checkpoint's values from fitting (then nothing is
+    written)."""
     if entry.action == "copy":
         assert source is not None
-        return (source, None) if source.dtype == target.dtype else _fit(source, target.dtype)
+        if source.dtype == target.dtype or entry.cast == "exact":
+            return source, None  # an exact cast (fp16 → fp32) is made by the copy itself
+        return _fit(source, target.dtype)
     exact = target.is_floating_point() or target.is_complex()
     dtype = target.dtype if exact else torch.float32
     new = torch.empty(entry.model_shape, dtype=dtype)
@@ -471,7 +475,8 @@ def _restore(snapshot: _Snapshot) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# casts, made in phase 1: writing is then a copy between tensors of one dtype
+# lossy casts, made in phase 1: writing is then a copy that cannot lose a value or fail
+# (exact casts, fp16 → fp32, are left to the copy: a phase-1 copy would double the memory)
 
 
 def _fit(value: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, str | None]:
