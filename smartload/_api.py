@@ -79,6 +79,8 @@ def load(
     verify_checksums: bool = False,
     allow_globals: Sequence[str] = (),
     device: str | torch.device | None = None,
+    init_seed: int | None = None,
+    process_group: Any = None,
 ) -> LoadReport:
     """Load ``checkpoint`` into ``model``, key by key, and report what was done.
 
@@ -99,6 +101,18 @@ def load(
       key then needs a value from the checkpoint or a ``reinit-normal`` policy; parameters keep
       their type and ``requires_grad`` (like ``load_state_dict(assign=True)``, in the
       model's dtypes).
+    - ``init_seed``: new values (re-initialised keys, new head rows) depend only on
+      ``(init_seed, key, position)``; None takes one number from torch's default generator, so
+      ``torch.manual_seed(s)`` before the call reproduces the load.
+    - ``process_group``: the group a sharded load is collective over (default: the default
+      group when the model holds DTensors). Given for a model that is not sharded (DDP), it
+      makes the load all or nothing across its ranks too.
+
+    A model whose parameters are DTensors (FSDP2, tensor parallel, HSDP) is loaded
+    collectively: every rank of the group calls ``load`` with the same arguments, each reads only
+    what its shards need, and if any rank fails every rank raises, naming the ranks, with
+    nothing loaded anywhere. The report is the same on every rank (``report.distributed``);
+    rank 0 writes ``report_path``.
 
     All or nothing: on any error the model is unchanged. With ``dry_run`` nothing is read beyond
     the structure and the model is not touched. ``report_path`` receives the JSON report.
@@ -125,6 +139,21 @@ def load(
 
     if device is not None:
         _check_device(device)
+    from ._sharded import collective_group
+
+    group = collective_group(model, process_group)
+    if group is not None:
+        return _load_collective(
+            model,
+            group,
+            make,
+            report_path=report_path,
+            dry_run=dry_run,
+            on_nonfinite=on_nonfinite,
+            verify_checksums=verify_checksums,
+            init_seed=init_seed,
+            device=device,
+        )
     # an unwritable report_path fails here, before the model is touched
     destination = _report_file(report_path) if report_path is not None else None
 
@@ -132,8 +161,10 @@ def load(
         if destination is not None:  # written now; only renamed into place once loaded
             destination.prepare(LoadReport.from_plan(plan, dry_run=dry_run).to_dict())
         if not dry_run:
-            from ._apply import apply_plan
+            from ._apply import apply_plan, needs_seed
+            from ._init import default_seed
 
+            seed = init_seed if init_seed is not None else default_seed() if needs_seed(plan) else 0
             apply_plan(
                 model,
                 plan,
@@ -141,6 +172,7 @@ def load(
                 verify_checksums=verify_checksums,
                 targets=plan.targets,  # the model's tensors, as the plan found them
                 device=device,
+                seed=seed,
             )
 
     try:
@@ -153,6 +185,53 @@ def load(
     report = LoadReport.from_plan(done, dry_run=dry_run)
     if destination is not None:
         destination.commit()
+    logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
+    return report
+
+
+def _load_collective(
+    model: torch.nn.Module,
+    group: Any,
+    make: Callable[[], LoadPlan],
+    *,
+    report_path: str | os.PathLike[str] | None,
+    dry_run: bool,
+    on_nonfinite: str,
+    verify_checksums: bool,
+    init_seed: int | None,
+    device: str | torch.device | None,
+) -> LoadReport:
+    """:func:`load` across the ranks of ``group`` (see ``_sharded``); rank 0 writes the report."""
+    import torch.distributed as dist
+
+    from ._sharded import load_collective
+
+    if device is not None:
+        raise InvalidArgumentError(
+            "device= is for models on the meta device; a sharded model's shards stay where "
+            "they are. Call model.to_empty(device=...) after sharding, then load"
+        )
+    destination = None
+    if report_path is not None and dist.get_rank(group) == 0:
+        destination = _report_file(report_path)
+    try:
+        with gc_paused():
+            plan, spread = load_collective(
+                model,
+                group,
+                make,
+                dry_run=dry_run,
+                on_nonfinite=on_nonfinite,
+                verify_checksums=verify_checksums,
+                init_seed=init_seed,
+            )
+    except BaseException:
+        if destination is not None:
+            destination.discard()
+        raise
+    report = replace(LoadReport.from_plan(plan, dry_run=dry_run), distributed=spread)
+    if destination is not None:
+        destination.write(report.to_dict())
     logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
     return report
 

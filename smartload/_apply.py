@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ._init import Box, normal_box
 from ._load_hooks import compute
 from ._plan import dtype_refusal, model_tensors
 from ._records import DTYPE_ITEMSIZE
@@ -19,7 +20,16 @@ from ._report import LoadPlan, PlanEntry
 from ._tensors import Materializer, stored_values
 from .errors import CheckpointFormatError, IncompatibleCheckpointError, InvalidArgumentError
 
-__all__ = ["apply_plan"]
+__all__ = [
+    "apply_plan",
+    "check_nonfinite_choice",
+    "check_writable",
+    "needs_seed",
+    "new_value",
+    "nonfinite_keys",
+    "nonfinite_refusal",
+    "slice_pairs",
+]
 
 NONFINITE_CHOICES = ("error", "allow")
 _LOG_ABOVE = 256 * 1024**2
@@ -34,6 +44,7 @@ def apply_plan(
     verify_checksums: bool = False,
     targets: Mapping[str, torch.Tensor] | None = None,
     device: str | torch.device | None = None,
+    seed: int = 0,
 ) -> None:
     """Load ``plan`` into ``model``. On any error the model is left exactly as it was.
 
@@ -42,11 +53,9 @@ def apply_plan(
     tensors (``copy_``), so parameter identity, dtype and device are kept. ``targets`` is the
     model's state dict (``keep_vars=True``) when the caller already has it. A model on the meta
     device gets new tensors on ``device`` (default cpu); every one of its keys then needs a value.
+    New values are drawn with ``seed`` (:func:`normal_box`).
     """
-    if on_nonfinite not in NONFINITE_CHOICES:
-        raise InvalidArgumentError(
-            f"on_nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, not {on_nonfinite!r}"
-        )
+    check_nonfinite_choice(on_nonfinite)
     if targets is None:
         targets = model_tensors(model)
     on_meta = _check_meta(model, plan, targets)
@@ -84,7 +93,11 @@ def apply_plan(
             raise CheckpointFormatError(plan.checkpoint, f"tensor {entry.source!r} changed shape")
         if source is not None and entry.key in plan.transforms:  # a conversion the plan chose
             source = plan.transforms[entry.key](source)
-        values[entry.key], misfit = _value(entry, source, target)
+        if source is not None and entry.action == "slice":
+            pairs = slice_pairs(entry, tuple((0, n) for n in entry.model_shape))
+            index = torch.tensor([r for _, r in pairs], dtype=torch.long)
+            source = source.index_select(entry.dim, index) if pairs else None
+        values[entry.key], misfit = new_value(entry, target.dtype, seed, source=source)
         if values[entry.key].shape != target.shape:  # writing must not be able to fail
             raise InvalidArgumentError(
                 f"{entry.transform or entry.action} gave shape {list(values[entry.key].shape)} "
@@ -93,21 +106,32 @@ def apply_plan(
             )
         if misfit is not None:
             misfits.append((entry, misfit))
-    if on_nonfinite == "error" and (nonfinite := _nonfinite(checked, buffers)):
-        raise CheckpointFormatError(
-            plan.checkpoint,
-            f"non-finite values in {len(nonfinite)} tensor(s): {', '.join(nonfinite[:10])}"
-            + (" ..." if len(nonfinite) > 10 else ""),
-            "Nothing was loaded. The weights are broken (diverged training?); pass "
-            "on_nonfinite='allow' to load them anyway, or policies={key: 'reinit-normal'}",
-        )
+    if on_nonfinite == "error" and (nonfinite := nonfinite_keys(checked, buffers)):
+        raise nonfinite_refusal(plan.checkpoint, nonfinite)
     if misfits:
         raise dtype_refusal("values that the model's dtype cannot hold", misfits, plan.checkpoint)
     if plan.format == "mapping":  # tensors in memory: the model's own, or on another device
         _take_apart(values, targets)
-    _check_writable(targets, values)
+    check_writable(targets, values)
     meta_device = torch.device(device or "cpu") if on_meta else None
     _write(model, plan.loaders, targets, values, meta_device)
+
+
+def check_nonfinite_choice(on_nonfinite: str) -> None:
+    if on_nonfinite not in NONFINITE_CHOICES:
+        raise InvalidArgumentError(
+            f"on_nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, not {on_nonfinite!r}"
+        )
+
+
+def nonfinite_refusal(checkpoint: str, nonfinite: list[str]) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        checkpoint,
+        f"non-finite values in {len(nonfinite)} tensor(s): {', '.join(nonfinite[:10])}"
+        + (" ..." if len(nonfinite) > 10 else ""),
+        "Nothing was loaded. The weights are broken (diverged training?); pass "
+        "on_nonfinite='allow' to load them anyway, or policies={key: 'reinit-normal'}",
+    )
 
 
 def _check_meta(
@@ -239,7 +263,7 @@ _BATCH_BELOW = 1 << 16  # elements: smaller tensors are checked together, one ca
 _CHUNK = 1 << 24  # elements upcast at a time for dtypes torch cannot reduce (float8)
 
 
-def _nonfinite(
+def nonfinite_keys(
     tensors: Mapping[str, tuple[torch.Tensor, str]], buffers: Mapping[str, torch.Tensor]
 ) -> list[str]:
     """``"key (3 NaN, 1 Inf)"`` for each floating tensor holding NaN or Inf, except infinities by
@@ -335,34 +359,56 @@ def _finite_by_chunks(t: torch.Tensor) -> bool:
     )
 
 
-def _value(
-    entry: PlanEntry, source: torch.Tensor | None, target: torch.Tensor
+def new_value(
+    entry: PlanEntry,
+    target_dtype: torch.dtype,
+    seed: int,
+    *,
+    box: Box | None = None,
+    source: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, str | None]:
-    """The value ``entry`` writes, in the target's dtype (or the checkpoint's, where the copy
-    casts exactly); or what keeps the checkpoint's values from fitting (then nothing is
-    written)."""
+    """The value ``entry`` writes into ``box`` of its key (default: all of it), in the target's
+    dtype (or the checkpoint's, where the copy casts exactly); or what keeps the checkpoint's
+    values from fitting (then nothing is written). ``source`` is, for a copy, the checkpoint's
+    box; for a slice, the checkpoint rows of :func:`slice_pairs` in their order (``box`` across
+    the other dimensions). New values come from :func:`normal_box` with ``seed``."""
+    box = box if box is not None else tuple((0, n) for n in entry.model_shape)
     if entry.action == "copy":
         assert source is not None
-        if source.dtype == target.dtype or entry.cast == "exact":
+        if source.dtype == target_dtype or entry.cast == "exact":
             return source, None  # an exact cast (fp16 → fp32) is made by the copy itself
-        return _fit(source, target.dtype)
-    exact = target.is_floating_point() or target.is_complex()
-    dtype = target.dtype if exact else torch.float32
-    new = torch.empty(entry.model_shape, dtype=dtype)
+        return _fit(source, target_dtype)
+    exact = target_dtype.is_floating_point or target_dtype.is_complex
+    dtype = target_dtype if exact else torch.float32
     if entry.fill is not None:
-        new.fill_(entry.fill)
+        new = torch.full([b - a for a, b in box], entry.fill, dtype=dtype)
     else:
-        new.normal_(0.0, entry.std)
-    if entry.action == "slice" and source is not None and entry.rows is not None:
-        pairs = [(i, r) for i, r in enumerate(entry.rows) if r is not None]
-        if pairs:
-            new_idx = torch.tensor([i for i, _ in pairs])
-            old_idx = torch.tensor([r for _, r in pairs])
-            rows, misfit = _fit(source.index_select(entry.dim, old_idx), dtype)
-            if misfit is not None:
-                return new, misfit
-            new.index_copy_(entry.dim, new_idx, rows)
-    return (new, None) if exact else _fit(new, target.dtype)
+        new = normal_box(entry.key, entry.model_shape, box, entry.std, seed, dtype)
+    pairs = slice_pairs(entry, box)
+    if pairs and source is not None:
+        rows, misfit = _fit(source, dtype)
+        if misfit is not None:
+            return new, misfit
+        new.index_copy_(entry.dim, torch.tensor([i for i, _ in pairs]), rows)
+    return (new, None) if exact else _fit(new, target_dtype)
+
+
+def slice_pairs(entry: PlanEntry, box: Box) -> list[tuple[int, int]]:
+    """For a slice, ``(row in box, checkpoint row)`` for each row of ``box`` (along the entry's
+    dimension) that takes a checkpoint row."""
+    if entry.action != "slice" or entry.rows is None:
+        return []
+    first, last = box[entry.dim]
+    return [(i - first, r) for i, r in enumerate(entry.rows[first:last], first) if r is not None]
+
+
+def needs_seed(plan: LoadPlan) -> bool:
+    """Whether applying ``plan`` draws new values (then it needs a seed)."""
+    return any(
+        e.fill is None
+        and (e.action == "reinit-normal" or (e.action == "slice" and None in (e.rows or (None,))))
+        for e in plan.entries
+    )
 
 
 def _commit(
@@ -587,7 +633,7 @@ def _has_memory(t: torch.Tensor) -> bool:
     return not t.is_meta and t.numel() > 0
 
 
-def _check_writable(targets: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
+def check_writable(targets: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
     """Refuse, before writing, model tensors a copy into would fail on half-way through."""
     inference = torch.is_inference_mode_enabled()
     bad = []

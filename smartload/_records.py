@@ -16,6 +16,8 @@ __all__ = [
     "MAX_NDIM",
     "MAX_NUMEL",
     "ArrayRecord",
+    "Chunk",
+    "ChunkedRecord",
     "Describer",
     "Refused",
     "StandIn",
@@ -151,6 +153,43 @@ class TensorRecord(_Sealed):
 
 
 @dataclass(slots=True, unsafe_hash=True)
+class Chunk(_Sealed):
+    """One saved piece of a tensor in a DCP directory: the box of the global tensor at
+    ``offsets`` (first index per dimension) of ``sizes`` elements, stored as one item of
+    ``length`` bytes at byte ``offset`` of ``file`` (a whole ``torch.save`` archive, or a
+    safetensors file, holding the box as a C-ordered tensor). Where in the item the data lies is
+    found only when the chunk is read (``_dcp.chunk_source``)."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    offset: int
+    length: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class ChunkedRecord(_Sealed):
+    """A tensor saved in pieces (DCP): its global shape and dtype, and the chunks that tile it.
+    No data is read to make one."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+
+
+@dataclass(slots=True, unsafe_hash=True)
 class ArrayRecord(_Sealed):
     """A numpy array pickled inline (detectron2 ``.pkl``). ``data`` is None in symbolic mode."""
 
@@ -191,7 +230,7 @@ class StandIn:
 
 def is_leaf(value: Any) -> bool:
     """A tensor-like value: a record of ours, a torch tensor or a numpy array."""
-    if isinstance(value, TensorRecord | ArrayRecord):
+    if isinstance(value, TensorRecord | ArrayRecord | ChunkedRecord):
         return True
     return (
         type(value).__module__.split(".", 1)[0] in ("torch", "numpy")
@@ -281,7 +320,7 @@ def describe(value: Any) -> str:
 
 def _describe_flat(value: Any) -> str:
     """:func:`describe` of anything but a mapping: a few words, in constant time."""
-    if isinstance(value, TensorRecord):
+    if isinstance(value, TensorRecord | ChunkedRecord):
         return f"tensor {list(value.shape)} {value.dtype}"
     if isinstance(value, StandIn):
         kind = " module object" if is_module(value) else ""

@@ -199,6 +199,7 @@ class LoadReport(_Outcome):
     """What :func:`smartload.load` did (or, with ``dry_run``, would do)."""
 
     dry_run: bool = False
+    distributed: Any = None  # a collective load: how it was spread (``_sharded.Distributed``)
 
     @classmethod
     def from_plan(cls, plan: LoadPlan, *, dry_run: bool) -> LoadReport:
@@ -209,7 +210,17 @@ class LoadReport(_Outcome):
         return "dry run of" if self.dry_run else "loaded"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "dry_run": self.dry_run}
+        out = {**super().to_dict(), "dry_run": self.dry_run}
+        if self.distributed is not None:
+            out["distributed"] = self.distributed.to_dict()
+        return out
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.distributed is None:
+            return text
+        title, _, rest = text.partition("\n")
+        return f"{title}\n{self.distributed.describe()}\n{rest}"
 
     def __repr__(self) -> str:
         return f"<LoadReport {self.summary_line()}>"

@@ -1,0 +1,423 @@
+"""Loading into a model sharded across processes (DTensor: FSDP2, tensor parallel, HSDP), all or
+nothing across ranks.
+
+Every rank of the group calls :func:`smartload.load` with the same arguments. The plan is made in
+global coordinates (a DTensor's shape is the global one) on every rank, and the ranks check that
+they made the same plan. Then each rank reads and checks only the box of each tensor its shard
+holds (:class:`BoxReader`), builds its values, and the ranks agree: if any rank failed, every rank
+raises the same error naming the failing ranks, and nothing is written anywhere. Only then does
+each rank copy into its local shards.
+
+::
+
+    plan (every rank) ─ agree ─ read + check own boxes ─ agree ─ write own shards
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import pickle
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from . import errors
+from ._apply import (
+    check_nonfinite_choice,
+    check_writable,
+    needs_seed,
+    new_value,
+    nonfinite_keys,
+    nonfinite_refusal,
+    slice_pairs,
+)
+from ._boxread import BoxReader, full_box
+from ._init import Box, default_seed
+from ._load_hooks import compute
+from ._plan import dtype_refusal
+from ._report import LoadPlan, PlanEntry
+from ._tensors import Materializer, stored_bytes
+from .errors import InvalidArgumentError, SmartloadError
+
+__all__ = ["Distributed", "collective_group", "load_collective"]
+
+_T = TypeVar("_T")
+
+
+def _dtensor_type() -> type | None:
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    return itertools.chain(model.parameters(), model.buffers())
+
+
+def collective_group(model: torch.nn.Module, process_group: Any) -> Any:
+    """The process group a load is collective over: ``process_group`` if given, the default
+    group when the model holds DTensors, else None (a one-process load)."""
+    dtensor = _dtensor_type()
+    sharded = dtensor is not None and any(isinstance(t, dtensor) for t in _tensors(model))
+    if process_group is None and not sharded:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InvalidArgumentError(
+            "process_group was given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first (or leave process_group out)"
+        )
+    return process_group if process_group is not None else dist.group.WORLD
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """How a collective load was spread: the report's ``distributed`` section."""
+
+    world_size: int
+    checkpoint_bytes: int
+    bytes_read: tuple[int, ...]  # per rank
+    sharded_keys: int  # model keys held as shards (the rest: whole on every rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "ranks": [{"rank": r, "bytes_read": b} for r, b in enumerate(self.bytes_read)],
+        }
+
+    def describe(self) -> str:
+        share = (
+            max(self.bytes_read, default=0) / self.checkpoint_bytes if self.checkpoint_bytes else 0
+        )
+        return (
+            f"sharded over {self.world_size} ranks ({self.sharded_keys} keys held as shards): "
+            f"each rank read at most {share:.0%} of the checkpoint's "
+            f"{self.checkpoint_bytes:,} bytes"
+        )
+
+
+@dataclass
+class _Outcome:
+    """What one rank reports at an agreement: its failure, or what the others need to know."""
+
+    failure: tuple[str, str, dict[str, Any]] | None = None  # error class, message, attributes
+    digest: str = ""
+    seed: int = 0
+    bytes_read: int = 0
+
+
+def load_collective(
+    model: torch.nn.Module,
+    group: Any,
+    make: Callable[[], LoadPlan],
+    *,
+    dry_run: bool,
+    on_nonfinite: str,
+    verify_checksums: bool,
+    init_seed: int | None,
+) -> tuple[LoadPlan, Distributed]:
+    """Plan on every rank, agree, read and check each rank's boxes, agree, write. Raises the same
+    :class:`SmartloadError` class on every rank when any rank fails; then nothing is written."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+
+    def plan_step() -> tuple[LoadPlan, _Outcome]:
+        check_nonfinite_choice(on_nonfinite)
+        plan = make()
+        targets = _boxes(plan)  # refuses placements that are not boxes, before anything is read
+        if plan.loaders:
+            raise InvalidArgumentError(
+                f"module(s) {', '.join(sorted(plan.loaders)[:5])} load through their own "
+                "_load_from_state_dict, which cannot be run shard by shard. Nothing was loaded. "
+                "Load the unsharded model, then shard it"
+            )
+        if plan.format == "mapping":
+            raise InvalidArgumentError(
+                "a sharded load reads from a file or a DCP directory, not a state dict in "
+                "memory. Nothing was loaded. Save the state dict (or pass its path)"
+            )
+        seed = init_seed if init_seed is not None else (default_seed() if needs_seed(plan) else 0)
+        del targets
+        return plan, _Outcome(digest=_digest(plan), seed=seed)
+
+    plan, mine = _attempt(plan_step)
+    outcomes = _agree(mine, group, world, "planning")
+    digests = {o.digest for o in outcomes}
+    if len(digests) > 1:
+        differ = [r for r, o in enumerate(outcomes) if o.digest != outcomes[0].digest]
+        raise InvalidArgumentError(
+            f"the ranks made different plans (rank 0 and rank(s) {', '.join(map(str, differ))} "
+            "differ). Nothing was loaded on any rank. Every rank must call smartload.load with "
+            "the same model structure, checkpoint and arguments"
+        )
+    assert plan is not None
+    seed = outcomes[0].seed  # rank 0's, on every rank
+    checkpoint_bytes = _checkpoint_bytes(plan)
+    sharded = sum(1 for e in plan.entries if _is_dtensor(plan.targets[e.key]))
+    if dry_run:
+        return plan, Distributed(world, checkpoint_bytes, (0,) * world, sharded)
+
+    def read_step() -> tuple[dict[str, torch.Tensor], _Outcome]:
+        values, nbytes = _read_boxes(plan, model, on_nonfinite, verify_checksums, seed, rank, world)
+        return values, _Outcome(bytes_read=nbytes)
+
+    values, mine = _attempt(read_step)
+    outcomes = _agree(mine, group, world, "reading")
+    assert values is not None
+    _write(plan, values)
+    return plan, Distributed(
+        world, checkpoint_bytes, tuple(o.bytes_read for o in outcomes), sharded
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# agreement
+
+
+def _attempt(step: Callable[[], tuple[_T, _Outcome]]) -> tuple[_T | None, _Outcome]:
+    """Run ``step``; a failure becomes an outcome (the other ranks must hear of it, not hang)."""
+    try:
+        return step()
+    except Exception as exc:  # every failure goes through the agreement; re-raised there
+        return None, _Outcome(failure=_describe_failure(exc))
+
+
+def _describe_failure(exc: Exception) -> tuple[str, str, dict[str, Any]]:
+    kind = type(exc).__name__ if isinstance(exc, SmartloadError) else ""
+    message = str(exc) if kind else f"{type(exc).__name__}: {exc}"
+    attributes = {}
+    for name, value in vars(exc).items():
+        try:
+            pickle.dumps(value)
+        except Exception:  # an attribute that cannot travel stays behind
+            continue
+        attributes[name] = value
+    return kind, message, attributes
+
+
+def _agree(mine: _Outcome, group: Any, world: int, step: str) -> list[_Outcome]:
+    """Every rank's outcome; raises on every rank when any rank failed."""
+    outcomes: list[Any] = [None] * world
+    dist.all_gather_object(outcomes, mine, group=group)
+    failed = [(r, o.failure) for r, o in enumerate(outcomes) if o.failure is not None]
+    if failed:
+        raise _collective_error(failed, step)
+    return outcomes
+
+
+def _collective_error(
+    failed: list[tuple[int, tuple[str, str, dict[str, Any]]]], step: str
+) -> SmartloadError:
+    """One error, the same on every rank: the class of the lowest failing rank's error (or
+    :class:`SmartloadError` for an unexpected exception), naming every failing rank."""
+    kind, _, attributes = failed[0][1]
+    cls = getattr(errors, kind, None) if kind else None
+    if not (isinstance(cls, type) and issubclass(cls, SmartloadError)):
+        cls = SmartloadError
+    messages = [m for _, (_, m, _) in failed]
+    if len(set(messages)) == 1 and len(failed) > 1:
+        ranks = ", ".join(str(r) for r, _ in failed)
+        lines = [f"ranks {ranks}: {messages[0]}"]
+    else:
+        lines = [f"rank {r}: {m}" for r, (_, m, _) in failed]
+    text = "\n".join(lines)
+    if "Nothing was loaded on any rank" not in text:
+        text += f"\nNothing was loaded on any rank (a failure while {step})."
+    error = cls.__new__(cls)
+    Exception.__init__(error, text)
+    error.__dict__.update(attributes)
+    error.ranks = [r for r, _ in failed]  # type: ignore[attr-defined]
+    return error
+
+
+def _digest(plan: LoadPlan) -> str:
+    entries = [
+        (e.key, e.action, e.source, e.ckpt_shape, e.model_shape, e.rows, e.dim, e.std, e.fill)
+        for e in plan.entries
+    ]
+    return hashlib.sha256(json.dumps(entries, default=str).encode()).hexdigest()
+
+
+def _checkpoint_bytes(plan: LoadPlan) -> int:
+    return stored_bytes(plan.tensors, plan.sources)
+
+
+# --------------------------------------------------------------------------------------------------
+# boxes
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _boxes(plan: LoadPlan) -> dict[str, Box]:
+    """The global box of this rank's shard of every model key; refuses placements that are not
+    boxes (``Partial``, ``_StridedShard``) and shards on the meta device."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    out: dict[str, Box] = {}
+    refused: list[str] = []
+    for entry in plan.entries:
+        t = plan.targets[entry.key]
+        if not _is_dtensor(t):
+            out[entry.key] = full_box(tuple(t.shape))
+            continue
+        odd = [p for p in t.placements if type(p) not in (Shard, Replicate)]
+        if odd:
+            refused.append(f"{entry.key} ({', '.join(map(repr, odd))})")
+            continue
+        if t.is_meta:
+            raise InvalidArgumentError(
+                f"{entry.key} is a shard on the meta device. Nothing was loaded. Call "
+                "model.to_empty(device=...) after sharding, then load"
+            )
+        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        if tuple(shape) != tuple(t._local_tensor.shape):
+            raise InvalidArgumentError(
+                f"{entry.key}: the local shard has shape {list(t._local_tensor.shape)}, not the "
+                f"{list(shape)} its placements {t.placements} give. Nothing was loaded"
+            )
+        out[entry.key] = tuple((o, o + s) for o, s in zip(offset, shape, strict=True))
+    if refused:
+        raise InvalidArgumentError(
+            f"{len(refused)} model key(s) are sharded in a way that is not a box of the global "
+            f"tensor: {'; '.join(refused[:5])}. Nothing was loaded on any rank. smartload loads "
+            "Shard(dim) and Replicate() placements (FSDP2, tensor parallel, HSDP); redistribute "
+            "the others (or load before parallelising)"
+        )
+    return out
+
+
+def _partition(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s part of ``n`` rows, as ``torch.chunk`` splits them."""
+    size = -(-n // world) if n else 0
+    return min(n, rank * size), min(n, (rank + 1) * size)
+
+
+def _read_boxes(
+    plan: LoadPlan,
+    model: torch.nn.Module,
+    on_nonfinite: str,
+    verify_checksums: bool,
+    seed: int,
+    rank: int,
+    world: int,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """This rank's values, every one read and checked; nothing written. Each checkpoint value
+    one process would check is checked by some rank: copies by the ranks holding it, the source
+    of a slice split across ranks by rows (so a dropped row is checked too)."""
+    boxes = _boxes(plan)
+    materializer = Materializer(plan.sources, verify_crc=verify_checksums)
+    reader = BoxReader({} if verify_checksums else plan.sources, materializer)
+    values: dict[str, torch.Tensor] = {}
+    checked: dict[str, tuple[torch.Tensor, str]] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    misfits: list[tuple[PlanEntry, str]] = []
+    computed: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        for entry in plan.entries:
+            if entry.action == "skip":
+                continue
+            target = plan.targets[entry.key]
+            local = _local(target)
+            box = boxes[entry.key]
+            source = _source_box(plan, model, entry, box, reader, computed, checked, rank, world)
+            if source is not None and not isinstance(target, torch.nn.Parameter):
+                buffers[entry.source or entry.key] = local
+            value, misfit = new_value(entry, target.dtype, seed, box=box, source=source)
+            if tuple(value.shape) != tuple(local.shape):
+                raise InvalidArgumentError(
+                    f"{entry.transform or entry.action} gave shape {list(value.shape)} for the "
+                    f"shard of {entry.key!r}, not {list(local.shape)}; this is a bug in "
+                    "smartload. Nothing was loaded"
+                )
+            values[entry.key] = value
+            if misfit is not None:
+                misfits.append((entry, misfit))
+        if on_nonfinite == "error" and (nonfinite := nonfinite_keys(checked, buffers)):
+            raise nonfinite_refusal(plan.checkpoint, nonfinite)
+        if misfits:
+            raise dtype_refusal(
+                "values that the model's dtype cannot hold", misfits, plan.checkpoint
+            )
+        check_writable({k: _local(plan.targets[k]) for k in values}, values)
+        return values, reader.bytes_read
+    finally:
+        reader.close()
+
+
+def _source_box(
+    plan: LoadPlan,
+    model: torch.nn.Module,
+    entry: PlanEntry,
+    box: Box,
+    reader: BoxReader,
+    computed: dict[str, dict[str, torch.Tensor]],
+    checked: dict[str, tuple[torch.Tensor, str]],
+    rank: int,
+    world: int,
+) -> torch.Tensor | None:
+    """The checkpoint values ``entry`` needs for ``box`` (see :func:`new_value`), recording in
+    ``checked`` what this rank checks."""
+    dtype = entry.ckpt_dtype or ""
+    if plan.hooked is not None and entry.key in plan.hooked.computed:
+        root = plan.hooked.computed[entry.key].root
+        if root not in computed:  # a pre-hook's value: made from whole tensors, then cut
+            read = lambda key: reader.read(plan.tensors[key], full_box(plan.tensors[key].shape))  # noqa: E731
+            computed[root] = compute(model, root, plan.hooked.roots[root], read)
+        whole = computed[root][entry.key]
+        checked[entry.key] = (whole, dtype)
+        return _cut(entry, whole, box)
+    if entry.action not in ("copy", "slice"):
+        return None
+    assert entry.source is not None and entry.ckpt_shape is not None
+    leaf = plan.tensors[entry.source]
+    if entry.key in plan.transforms:  # an adapter's conversion: of the whole tensor, then cut
+        whole = reader.read(leaf, full_box(entry.ckpt_shape))
+        checked[entry.source] = (whole, dtype)
+        return _cut(entry, plan.transforms[entry.key](whole), box)
+    if entry.action == "copy":
+        got = reader.read(leaf, box)
+        if entry.source not in checked:
+            checked[entry.source] = (got, dtype)
+        return got
+    # a slice: this rank's part of the source is checked; the rows its box takes are read
+    part = list(full_box(entry.ckpt_shape))
+    part[entry.dim] = _partition(entry.ckpt_shape[entry.dim], rank, world)
+    checked[entry.source] = (reader.read(leaf, tuple(part)), dtype)
+    pairs = slice_pairs(entry, box)
+    if not pairs:
+        return None
+    across = tuple((0, n) if d == entry.dim else box[d] for d, n in enumerate(entry.ckpt_shape))
+    return reader.read_rows(leaf, across, entry.dim, [r for _, r in pairs])
+
+
+def _cut(entry: PlanEntry, whole: torch.Tensor, box: Box) -> torch.Tensor:
+    """What :func:`new_value` takes for ``box`` from a whole source tensor."""
+    if entry.action != "slice":
+        return whole[tuple(slice(a, b) for a, b in box)]
+    pairs = slice_pairs(entry, box)
+    rows = whole.index_select(entry.dim, torch.tensor([r for _, r in pairs], dtype=torch.long))
+    return rows[
+        tuple(slice(None) if d == entry.dim else slice(a, b) for d, (a, b) in enumerate(box))
+    ]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def _write(plan: LoadPlan, values: Mapping[str, torch.Tensor]) -> None:
+    """Copy into each local shard (``copy_`` under ``no_grad``: FSDP2's sharded storage, and
+    parameter identity, are kept). Nothing here can fail: shapes and dtypes are checked."""
+    with torch.no_grad():
+        for key, value in values.items():
+            _local(plan.targets[key]).copy_(value)
