@@ -1,0 +1,150 @@
+"""Sharded loads on 2 gloo ranks (FSDP2, tensor parallel): ``tests/dist/scenarios.py`` runs
+under ``torch.distributed.run`` once, and each test checks what every rank saw."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+WORLD = 2
+SCENARIOS = Path(__file__).parent / "dist" / "scenarios.py"
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("sharded")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={WORLD}", str(SCENARIOS), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for rank in results:
+        crashed = {k: v["crash"] for k, v in rank.items() if isinstance(v, dict) and "crash" in v}
+        assert not crashed, crashed
+    return results
+
+
+HEAD_LOADS = [f"{k}_{f}" for k in ("fsdp", "tp") for f in ("torch", "safetensors", "index")]
+
+
+@pytest.mark.parametrize("name", HEAD_LOADS)
+def test_head_load_equals_one_process_load(ranks: list[dict[str, Any]], name: str) -> None:
+    """1000 → 10 classes, rows from both halves of the old head and two new classes: every
+    local shard is bit-exact the same box of a one-process load with the same seed, parameters
+    are the same objects, and the report is identical on both ranks."""
+    for rank in ranks:
+        result = rank[name]
+        assert result["error"] is None
+        assert result["equal"] == dict.fromkeys(result["equal"], True)
+        assert set(result["equal"]) == {
+            "body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias",
+            "norm.weight", "norm.bias", "head.weight", "head.bias",
+        }  # fmt: skip
+        assert result["same_params"] is True
+    assert ranks[0][name]["report"] == ranks[1][name]["report"]
+    report = ranks[0][name]["report"]
+    assert report["summary"]["slice"] == 2 and report["summary"]["copy"] == 6
+    assert report["heads"][0]["class_map"] == [0, 999, 500, 3, None, 7, 600, 998, None, 1]
+    assert report["distributed"]["world_size"] == WORLD
+    assert [r["rank"] for r in report["distributed"]["ranks"]] == [0, 1]
+
+
+def test_each_rank_reads_about_half_of_a_same_shape_checkpoint(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """Bytes read as /proc/self/io counts them (read() calls, from outside the loader): at most
+    1/2 + 5 % of the file per rank, and what the report says within the headers' few KB."""
+    for rank, result in enumerate(r["same_shape_bytes"] for r in ranks):
+        assert result["error"] is None
+        size = result["file_bytes"]
+        assert 0.45 * size < result["bytes_outside"] <= 0.55 * size
+        reported = result["report"]["distributed"]["ranks"][rank]["bytes_read"]
+        assert reported <= result["bytes_outside"] <= reported + 32_768
+        assert result["report"]["distributed"]["checkpoint_bytes"] == pytest.approx(size, rel=0.01)
+
+
+def test_head_loads_read_about_half_too(ranks: list[dict[str, Any]]) -> None:
+    """With a class map the rows a rank's head needs may lie anywhere; the head is small."""
+    for name in HEAD_LOADS:
+        dist = ranks[0][name]["report"]["distributed"]
+        for r in dist["ranks"]:
+            assert r["bytes_read"] <= 0.6 * dist["checkpoint_bytes"], (name, r)
+
+
+def test_forward_after_fsdp_load_equals_the_unsharded_model(ranks: list[dict[str, Any]]) -> None:
+    assert [r["forward_after_fsdp_load"]["forward_equal"] for r in ranks] == [True, True]
+
+
+def test_default_seed_is_rank_0s_draw_from_the_default_generator(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for rank in ranks:
+        result = rank["default_seed_follows_manual_seed"]
+        assert result["equal"] == dict.fromkeys(result["equal"], True)
+
+
+def test_a_head_with_fewer_rows_than_ranks(ranks: list[dict[str, Any]]) -> None:
+    assert [r["tiny_head"]["local_rows"] for r in ranks] == [1, 0]
+    for rank in ranks:
+        assert rank["tiny_head"]["equal"] == dict.fromkeys(rank["tiny_head"]["equal"], True)
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        (
+            "nan_in_dropped_row",
+            "CheckpointFormatError",
+            "rank 1: {root}/nan_dropped_row.safetensors: non-finite values in 1 tensor(s): "
+            "head.weight (1 NaN).",
+        ),
+        (
+            "nan_in_rank1_rows",
+            "CheckpointFormatError",
+            "rank 1: {root}/nan_rank1_rows.safetensors: non-finite values in 1 tensor(s): "
+            "body.0.weight (1 NaN).",
+        ),
+        (
+            "path_missing_on_rank1",
+            "CheckpointFormatError",
+            "rank 1: {root}/gone.safetensors: no such file or directory\n"
+            "Nothing was loaded on any rank (a failure while planning).",
+        ),
+        (
+            "different_plans",
+            "InvalidArgumentError",
+            "the ranks made different plans (rank 0 and rank(s) 1 differ). Nothing was loaded "
+            "on any rank.",
+        ),
+        (
+            "partial_placement",
+            "InvalidArgumentError",
+            "ranks 0, 1: 1 model key(s) are sharded in a way that is not a box of the global "
+            "tensor: head.bias (Partial(sum)). Nothing was loaded on any rank.",
+        ),
+    ],
+)
+def test_a_failure_on_one_rank_fails_every_rank_and_writes_nothing(
+    ranks: list[dict[str, Any]], name: str, error: str, message: str
+) -> None:
+    root = ranks[0]["checkpoints"]
+    for rank in ranks:
+        result = rank[name]
+        assert result["error"] == error
+        assert result["message"].startswith(message.format(root=root))
+        assert result["untouched"] is True
+    assert ranks[0][name]["message"] == ranks[1][name]["message"]
+
+
+def test_report_is_written_by_rank_0_only(ranks: list[dict[str, Any]]) -> None:
+    result = ranks[0]["report_file"]
+    assert result["file"] == result["report"] == ranks[1]["report_file"]["report"]
+    assert result["leftovers"] == []
+    assert "sharded over 2 ranks" in result["text"].splitlines()[1]
