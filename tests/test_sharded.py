@@ -16,19 +16,29 @@ WORLD = 2
 SCENARIOS = Path(__file__).parent / "dist" / "scenarios.py"
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("sharded")
+def run_scenarios(out: Path, world: int, *names: str) -> list[dict[str, Any]]:
+    """Run ``names`` (default: all for 2 ranks) on ``world`` gloo ranks; each rank's results."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={WORLD}", str(SCENARIOS), str(out)]
+    command += [f"--nproc-per-node={world}", str(SCENARIOS), str(out), *names]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
     for rank in results:
         crashed = {k: v["crash"] for k, v in rank.items() if isinstance(v, dict) and "crash" in v}
         assert not crashed, crashed
     return results
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_scenarios(tmp_path_factory.mktemp("sharded"), WORLD)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    names = ("fsdp_safetensors", "hsdp_safetensors", "tiny_head", "same_shape_bytes")
+    return run_scenarios(tmp_path_factory.mktemp("sharded4"), 4, *names)
 
 
 HEAD_LOADS = [f"{k}_{f}" for k in ("fsdp", "tp") for f in ("torch", "safetensors", "index")]
@@ -141,6 +151,35 @@ def test_a_failure_on_one_rank_fails_every_rank_and_writes_nothing(
         assert result["message"].startswith(message.format(root=root))
         assert result["untouched"] is True
     assert ranks[0][name]["message"] == ranks[1][name]["message"]
+
+
+def test_a_replicated_model_with_a_process_group_loads_all_or_nothing(
+    ranks: list[dict[str, Any]],
+) -> None:
+    root = ranks[0]["checkpoints"]
+    for rank in ranks:
+        failed = rank["ddp_group_missing_path"]
+        assert failed["error"] == "CheckpointFormatError"
+        assert failed["message"].startswith(f"rank 1: {root}/gone.safetensors: no such file")
+        assert failed["untouched"] is True
+        loaded = rank["ddp_group_load"]
+        assert loaded["equal"] == dict.fromkeys(loaded["equal"], True)
+        assert loaded["report"]["distributed"]["world_size"] == WORLD
+
+
+def test_four_ranks_fsdp_and_hsdp(four_ranks: list[dict[str, Any]]) -> None:
+    """FSDP2 over 4 ranks and HSDP (2 replicas × 2 shards): bit-exact, a quarter (FSDP) or a
+    half (HSDP) of the file per rank; a 1-class head held by rank 0 alone."""
+    for rank, result in enumerate(four_ranks):
+        for name in ("fsdp_safetensors", "hsdp_safetensors", "tiny_head"):
+            assert result[name]["equal"] == dict.fromkeys(result[name]["equal"], True), name
+        same = result["same_shape_bytes"]
+        assert 0.20 * same["file_bytes"] < same["bytes_outside"] <= 0.30 * same["file_bytes"]
+        hsdp = result["hsdp_safetensors"]["report"]["distributed"]["ranks"][rank]["bytes_read"]
+        assert (
+            hsdp <= 0.55 * result["hsdp_safetensors"]["report"]["distributed"]["checkpoint_bytes"]
+        )
+    assert [r["tiny_head"]["local_rows"] for r in four_ranks] == [1, 0, 0, 0]
 
 
 def test_report_is_written_by_rank_0_only(ranks: list[dict[str, Any]]) -> None:
