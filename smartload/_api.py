@@ -146,7 +146,7 @@ def load(
         return _load_collective(
             model,
             group,
-            make,
+            _without_rebuilds(model, chosen, make),
             report_path=report_path,
             dry_run=dry_run,
             on_nonfinite=on_nonfinite,
@@ -234,6 +234,26 @@ def _load_collective(
         destination.write(report.to_dict())
     logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
     return report
+
+
+def _without_rebuilds(
+    model: torch.nn.Module, adapter: Adapter, make: Callable[[], LoadPlan]
+) -> Callable[[], LoadPlan]:
+    """``make``, refusing a plan for which the adapter would rebuild modules (a sharded model's
+    modules cannot be swapped for unsharded ones)."""
+
+    def checked() -> LoadPlan:
+        plan = make()
+        rebuilt = adapter.rebuild_modules(model, plan)
+        if rebuilt:
+            raise InvalidArgumentError(
+                f"the {adapter.name} adapter would rebuild {', '.join(sorted(rebuilt)[:4])} at the "
+                "checkpoint's shapes, which a sharded model cannot take. Nothing was loaded on "
+                "any rank. Load the unsharded model, then shard it"
+            )
+        return plan
+
+    return checked
 
 
 def _plan_and_apply(
