@@ -1,18 +1,31 @@
-"""Reading a box of a tensor from its file: only the bytes the box holds, with ``pread``.
+"""Reading a box of a tensor from its file: only the bytes the box holds.
 
 A sharded load reads, on each rank, the part of each checkpoint tensor its shard needs. A tensor
-is stored as one or more C-ordered chunks (one for a torch or safetensors file, one per saving rank
-in a DCP directory); the intersection of the box with a chunk is a set of contiguous byte runs,
-one per index of the dimensions before the last partial one, read straight into the result (no
-memory map, so the bytes a rank reads are the bytes it asked for, which ``/proc/self/io`` shows).
+is stored as one or more C-ordered pieces (one for a torch or safetensors file, one per saving
+rank's chunk in a DCP directory). The intersection of a box with a piece is a list of
+:class:`Run` s: byte ranges contiguous both in the file and in the box, one per index of the
+dimensions before the last one either of them cuts.
+
+Two ways to use them:
+
+- :meth:`BoxReader.read`: ``pread`` the runs into a new tensor (values that are computed on:
+  slices, casts, conversions);
+- :meth:`BoxReader.runs` + :func:`all_finite` + :func:`copy_runs`: a same-dtype copy never
+  holds its values in memory of its own. The runs are read and checked a few MB at a time
+  before any rank writes, then copied from the page cache (through the file's memory map) into
+  the shard once the ranks agree: a rank holds no copy of its share, and the storage is read
+  once.
+
+``bytes_read`` counts the bytes of the runs read either way.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -23,20 +36,29 @@ from ._records import DTYPE_ITEMSIZE, ChunkedRecord, TensorRecord
 from ._tensors import Materializer, torch_dtype
 from .errors import CheckpointFormatError
 
-__all__ = ["BoxReader", "full_box"]
+__all__ = ["BoxReader", "Run", "all_finite", "copy_runs", "full_box"]
 
 
 def full_box(shape: tuple[int, ...]) -> Box:
     return tuple((0, n) for n in shape)
 
 
+class Run(NamedTuple):
+    """``nbytes`` at byte ``offset`` of ``file``: the bytes at byte ``at`` of a box (C order)."""
+
+    file: str
+    offset: int
+    nbytes: int
+    at: int
+
+
 class _Piece(NamedTuple):
     """A C-ordered block of a tensor: its first global index and size per dimension, and where
-    its bytes are."""
+    its bytes are (found only for the blocks a box reads: a DCP chunk's item is parsed then)."""
 
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
-    source: Source
+    source: Callable[[], Source]
 
 
 class BoxReader:
@@ -60,46 +82,51 @@ class BoxReader:
             os.close(fd)
         self._files.clear()
 
-    def read(self, leaf: Any, box: Box) -> torch.Tensor:
-        """The values of ``box`` (global coordinates) of the tensor ``leaf``, as a new tensor."""
+    def runs(self, leaf: Any, box: Box) -> list[Run] | None:
+        """The runs of ``box`` (global coordinates) of ``leaf``, counted as read; None when
+        ``leaf`` is not stored C-ordered."""
         pieces = self._pieces(leaf)
         if pieces is None:
-            return self._cut_whole(leaf, box)
-        dtype = torch_dtype(leaf.dtype)
-        out = torch.empty([b - a for a, b in box], dtype=dtype)
-        if out.numel() == 0:
-            return out
+            return None
+        itemsize = DTYPE_ITEMSIZE[leaf.dtype]
+        out = []
         for piece in pieces:
-            lo = [max(a, o) for (a, _), o in zip(box, piece.offsets, strict=True)]
-            hi = [
-                min(b, o + s) for (_, b), o, s in zip(box, piece.offsets, piece.sizes, strict=True)
-            ]
-            if any(h <= low for low, h in zip(lo, hi, strict=True)):
-                continue
-            local = [(low - o, h - o) for low, h, o in zip(lo, hi, piece.offsets, strict=True)]
-            region = tuple(
-                slice(low - a, h - a) for low, h, (a, _) in zip(lo, hi, box, strict=True)
-            )
-            target = out if out[region].is_contiguous() else torch.empty_like(out[region])
-            self._read_piece(piece, local, dtype, target[region] if target is out else target)
-            if target is not out:
-                out[region] = target
+            out.extend(self._piece_runs(piece, box, itemsize))
+        self.bytes_read += sum(run.nbytes for run in out)
+        return out
+
+    def read(self, leaf: Any, box: Box) -> torch.Tensor:
+        """The values of ``box`` (global coordinates) of the tensor ``leaf``, as a new tensor."""
+        runs = self.runs(leaf, box)
+        if runs is None:
+            return self._cut_whole(leaf, box)
+        out = torch.empty([b - a for a, b in box], dtype=torch_dtype(leaf.dtype))
+        if out.numel():
+            buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
+            for run in runs:
+                fd = self.fd(run.file)
+                _pread_exactly(fd, buffer[run.at : run.at + run.nbytes], run.offset, run.file)
         return out
 
     def read_rows(self, leaf: Any, box: Box, dim: int, rows: list[int]) -> torch.Tensor:
         """``box`` with dimension ``dim`` replaced by the rows ``rows`` (in that order): one read
         per run of consecutive rows."""
         wanted = sorted(set(rows))
-        runs: list[tuple[int, int]] = []
+        spans: list[tuple[int, int]] = []
         for row in wanted:
-            if runs and runs[-1][1] == row:
-                runs[-1] = (runs[-1][0], row + 1)
+            if spans and spans[-1][1] == row:
+                spans[-1] = (spans[-1][0], row + 1)
             else:
-                runs.append((row, row + 1))
-        parts = [self.read(leaf, (*box[:dim], run, *box[dim + 1 :])) for run in runs]
+                spans.append((row, row + 1))
+        parts = [self.read(leaf, (*box[:dim], span, *box[dim + 1 :])) for span in spans]
         got = torch.cat(parts, dim) if len(parts) != 1 else parts[0]
         position = {row: i for i, row in enumerate(wanted)}
         return got.index_select(dim, torch.tensor([position[r] for r in rows], dtype=torch.long))
+
+    def file_bytes(self, path: str) -> torch.Tensor:
+        """The file's bytes, memory-mapped (one private map per file, shared with the
+        materializer)."""
+        return self._materializer.file_bytes(path)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -107,7 +134,11 @@ class BoxReader:
         if isinstance(leaf, ChunkedRecord):
             from ._dcp import chunk_source
 
-            return [_Piece(c.offsets, c.sizes, chunk_source(c, leaf.dtype)) for c in leaf.chunks]
+            dtype = leaf.dtype
+            return [
+                _Piece(c.offsets, c.sizes, functools.partial(chunk_source, c, dtype))
+                for c in leaf.chunks
+            ]
         if isinstance(leaf, TensorRecord) and leaf.is_contiguous():
             storage = self._sources.get(leaf.storage.key)
             if storage is None:
@@ -119,8 +150,51 @@ class BoxReader:
                 raise CheckpointFormatError(
                     storage.file, f"a tensor reaches past its storage {leaf.storage.key!r}"
                 )
-            return [_Piece((0,) * len(leaf.shape), leaf.shape, Source(storage.file, start, nbytes))]
+            source = Source(storage.file, start, nbytes)
+            return [_Piece((0,) * len(leaf.shape), leaf.shape, lambda: source)]
         return None
+
+    def _piece_runs(self, piece: _Piece, box: Box, itemsize: int) -> list[Run]:
+        lo = [max(a, o) for (a, _), o in zip(box, piece.offsets, strict=True)]
+        hi = [min(b, o + s) for (_, b), o, s in zip(box, piece.offsets, piece.sizes, strict=True)]
+        if any(h <= low for low, h in zip(lo, hi, strict=True)):
+            return []
+        source = piece.source()
+        sizes = piece.sizes
+        if math.prod(sizes) * itemsize != source.nbytes:
+            raise CheckpointFormatError(
+                source.file, f"a stored block of {source.nbytes} bytes for {list(sizes)}"
+            )
+        self._check_inside(source)
+        if not sizes:  # a 0-d tensor
+            return [Run(source.file, source.offset, itemsize, 0)]
+        extents = [b - a for a, b in box]
+        strides = [math.prod(sizes[d + 1 :]) for d in range(len(sizes))]
+        box_strides = [math.prod(extents[d + 1 :]) for d in range(len(extents))]
+        # the last dimension cut by the piece or by the box: from there on, runs are contiguous
+        # in both
+        split = max(
+            (
+                d
+                for d in range(len(sizes))
+                if (lo[d], hi[d]) != (piece.offsets[d], piece.offsets[d] + sizes[d])
+                or (lo[d], hi[d]) != box[d]
+            ),
+            default=0,
+        )
+        nbytes = (hi[split] - lo[split]) * strides[split] * itemsize
+        runs = []
+        leading = (range(a, b) for a, b in zip(lo[:split], hi[:split], strict=True))
+        for index in itertools.product(*leading):
+            first = (*index, lo[split])  # the run's first element, in its first split+1 dims
+            element = sum(
+                (i - o) * s for i, o, s in zip(first, piece.offsets, strides, strict=False)
+            )
+            in_box = sum((i - a) * s for i, (a, _), s in zip(first, box, box_strides, strict=False))
+            runs.append(
+                Run(source.file, source.offset + element * itemsize, nbytes, in_box * itemsize)
+            )
+        return runs
 
     def _cut_whole(self, leaf: Any, box: Box) -> torch.Tensor:
         whole = self._materializer.tensor(leaf)
@@ -129,38 +203,7 @@ class BoxReader:
             self.bytes_read += int(getattr(leaf, "nbytes", whole.numel() * whole.element_size()))
         return whole[tuple(slice(a, b) for a, b in box)]
 
-    def _read_piece(
-        self, piece: _Piece, local: list[tuple[int, int]], dtype: torch.dtype, into: torch.Tensor
-    ) -> None:
-        """Read the sub-box ``local`` (piece coordinates) of ``piece`` into the contiguous
-        ``into``: one ``pread`` per contiguous run."""
-        itemsize = dtype.itemsize
-        sizes = piece.sizes
-        if math.prod(sizes) * itemsize != piece.source.nbytes:
-            raise CheckpointFormatError(
-                piece.source.file,
-                f"a stored block of {piece.source.nbytes} bytes for {list(sizes)}",
-            )
-        self._check_inside(piece.source)
-        strides = [math.prod(sizes[d + 1 :]) for d in range(len(sizes))]
-        # the last dimension the box does not take whole: runs are contiguous from there on
-        split = max((d for d, (a, b) in enumerate(local) if (a, b) != (0, sizes[d])), default=0)
-        run = (local[split][1] - local[split][0]) * strides[split] * itemsize if sizes else itemsize
-        buffer = memoryview(into.reshape(-1).view(torch.uint8).numpy().data)
-        fd = self._fd(piece.source.file)
-        ranges = [range(a, b) for a, b in local[:split]]
-        for at, index in enumerate(itertools.product(*ranges)):
-            element = sum(i * s for i, s in zip(index, strides, strict=False))
-            element += local[split][0] * strides[split] if sizes else 0
-            _pread_exactly(
-                fd,
-                buffer[at * run : (at + 1) * run],
-                piece.source.offset + element * itemsize,
-                piece.source.file,
-            )
-            self.bytes_read += run
-
-    def _fd(self, path: str) -> int:
+    def fd(self, path: str) -> int:
         fd = self._files.get(path)
         if fd is None:
             fd = self._files[path] = os.open(path, os.O_RDONLY)
@@ -168,7 +211,7 @@ class BoxReader:
         return fd
 
     def _check_inside(self, source: Source) -> None:
-        self._fd(source.file)
+        self.fd(source.file)
         if source.offset + source.nbytes > self._sizes[source.file]:
             raise CheckpointFormatError(
                 source.file, "truncated: a tensor's bytes reach past its end"
@@ -182,3 +225,31 @@ def _pread_exactly(fd: int, into: memoryview, offset: int, path: str) -> None:
         if n <= 0:
             raise CheckpointFormatError(path, "truncated: a tensor's bytes reach past its end")
         done += n
+
+
+_SCRATCH = 4 << 20  # bytes read and checked at a time
+
+
+def all_finite(reader: BoxReader, runs: Sequence[Run], dtype: torch.dtype) -> bool:
+    """Whether every value of ``runs`` is finite: read (``pread``) a few MB at a time into one
+    small buffer and summed (a finite sum proves it; a non-finite one may be an overflow,
+    which the caller rechecks exactly). Nothing is kept: :func:`copy_runs` copies the same
+    pages from the page cache once the ranks agree."""
+    scratch = torch.empty(_SCRATCH // dtype.itemsize, dtype=dtype)
+    buffer = memoryview(scratch.view(torch.uint8).numpy().data)
+    for run in runs:
+        fd = reader.fd(run.file)
+        for start in range(0, run.nbytes, _SCRATCH):
+            n = min(_SCRATCH, run.nbytes - start)
+            _pread_exactly(fd, buffer[:n], run.offset + start, run.file)
+            if not bool(torch.isfinite(scratch[: n // dtype.itemsize].sum())):
+                return False
+    return True
+
+
+def copy_runs(reader: BoxReader, runs: Sequence[Run], into: torch.Tensor) -> None:
+    """Copy ``runs`` from the memory map into the contiguous ``into`` (its bytes, in place)."""
+    flat = into.view(-1).view(torch.uint8) if into.dim() else into.view(1).view(torch.uint8)
+    for run in runs:
+        data = reader.file_bytes(run.file)
+        flat[run.at : run.at + run.nbytes].copy_(data[run.offset : run.offset + run.nbytes])

@@ -4,6 +4,10 @@ Both are priced by the bytes the file stores, not by the shapes it claims: a sca
 tensor's stored values (:func:`stored_values`), once per distinct view, and a conversion refuses
 to write more than a :class:`ReadBudget` allows, since safetensors has no views and every key is
 written in full.
+
+A DCP directory is consolidated from its chunks without ``torch.distributed``: a tensor read from
+chunks (assembled, or copied where its bytes are not aligned in the file) is read when it is
+checked and again when it is written, so that one such copy at a time is held.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from . import __version__
 from ._formats import _SAFETENSORS_DTYPES
 from ._plan import open_checkpoint
-from ._records import ArrayRecord, TensorRecord
+from ._records import ArrayRecord, ChunkedRecord, TensorRecord
 from ._tensors import Materializer, ReadBudget, reducible, stored_bytes, stored_values
 from .errors import CheckpointFormatError
 
@@ -43,12 +47,13 @@ class TensorScan:
 
 def _open(
     path: str, ema: bool, state_dict_path: Sequence[str] | None
-) -> tuple[_Checkpoint, Iterator[tuple[str, torch.Tensor]]]:
-    """The checkpoint, and its state dict's tensors (memory-mapped, zip CRCs checked) one by one."""
+) -> tuple[_Checkpoint, Materializer, Iterator[tuple[str, torch.Tensor]]]:
+    """The checkpoint, its reader, and its state dict's tensors (memory-mapped, zip CRCs checked)
+    one by one."""
     ckpt = open_checkpoint(path, ema=ema, state_dict_path=state_dict_path)
     materializer = Materializer(ckpt.sources, verify_crc=True)
     items = ((key, materializer.tensor(leaf)) for key, leaf in ckpt.tensors.items())
-    return ckpt, items
+    return ckpt, materializer, items
 
 
 def scan(
@@ -64,7 +69,7 @@ def scan(
     the file stores (a view that repeats one NaN 1,000 times counts 1). Views alike (tied
     weights) are read once.
     """
-    ckpt, tensors = _open(path, ema, state_dict_path)
+    ckpt, _, tensors = _open(path, ema, state_dict_path)
     budget = ReadBudget(ckpt.path, stored_bytes(ckpt.tensors, ckpt.sources), "scanning")
     done: dict[Any, TensorScan] = {}  # by view: the same stored values, the same answer
     out = []
@@ -89,6 +94,8 @@ def _view_of(leaf: Any) -> Any:
         return (leaf.storage.key, leaf.offset, leaf.shape, leaf.stride, leaf.dtype)
     if type(leaf) is ArrayRecord:
         return id(leaf)
+    if type(leaf) is ChunkedRecord:  # its chunks say where every value is
+        return leaf
     return None
 
 
@@ -117,7 +124,7 @@ def convert_to_safetensors(
     """
     entries: list[tuple[str, torch.Tensor]] = []
     broken = []
-    ckpt, tensors = _open(path, ema, state_dict_path)
+    ckpt, materializer, tensors = _open(path, ema, state_dict_path)
     location = "/".join(ckpt.state_dict_path)
     budget = ReadBudget(ckpt.path, stored_bytes(ckpt.tensors, ckpt.sources), "converting")
     for key, t in tensors:
@@ -128,6 +135,8 @@ def convert_to_safetensors(
         budget.charge(key, t.numel() * t.element_size())  # what writing it takes
         if not allow_nonfinite and t.is_floating_point() and not _finite(stored_values(t)):
             broken.append(key)
+        if type(ckpt.tensors[key]) is ChunkedRecord:  # maybe a copy: read again when written
+            t = torch.empty(t.shape, dtype=t.dtype, device="meta")
         entries.append((key, t))
     if broken:
         raise CheckpointFormatError(
@@ -137,7 +146,7 @@ def convert_to_safetensors(
         )
     metadata = {
         "format": "pt",
-        "source": os.path.basename(path),
+        "source": os.path.basename(os.path.normpath(path)),  # a DCP directory's name too
         "state_dict_path": location,
         "converted_by": f"smartload {__version__}",
     }
@@ -159,7 +168,9 @@ def convert_to_safetensors(
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(text)))
             f.write(text)
-            for _, t in entries:
+            for key, t in entries:
+                if t.is_meta:
+                    t = materializer.tensor(ckpt.tensors[key])
                 if t.numel():
                     f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         os.replace(tmp, out)

@@ -1,7 +1,8 @@
 """Reading checkpoint files: format detection and structure, without torch and without tensor data.
 
 :func:`read` returns a :class:`RawCheckpoint`: the file's object tree with tensors as records
-(:class:`TensorRecord` for torch and safetensors files, :class:`ArrayRecord` for numpy pickles), and
+(:class:`TensorRecord` for torch and safetensors files, :class:`ArrayRecord` for numpy pickles,
+:class:`ChunkedRecord` for ``torch.distributed.checkpoint`` directories, read by ``_dcp.py``), and
 for every storage the byte range in which its data lies. Nothing here reads tensor bytes.
 """
 
@@ -42,6 +43,7 @@ _SAFETENSORS_DTYPES = {
     "F8_E8M0": "float8_e8m0fnu",
 }  # fmt: skip
 _ZIP_FORBIDDEN_FLAGS = 0x1 | 0x40 | 0x2000  # encrypted, strong encryption, masked directory
+DCP_METADATA = ".metadata"  # what makes a directory a torch.distributed.checkpoint one
 
 
 class Source(NamedTuple):
@@ -71,7 +73,9 @@ def read(
         try:
             return _read(os.fspath(path), symbolic, frozenset(allow_globals))
         except CheckpointFormatError as exc:  # a hostile global anywhere is reported first
-            refuse_if_hostile(os.fspath(path), exc, frozenset(allow_globals))
+            # (a DCP .metadata is judged by its own reader, against its own allowlist)
+            if not _is_dcp(os.fspath(path)):
+                refuse_if_hostile(os.fspath(path), exc, frozenset(allow_globals))
             raise
 
 
@@ -86,6 +90,10 @@ def _read(path: str, symbolic: bool, allow: frozenset[str], trail: _Trail = ()) 
     if stat.S_ISDIR(st.st_mode):
         return _read_directory(path, symbolic, allow, trail)
     _check_regular(path, st)
+    if os.path.basename(path) == DCP_METADATA and _is_pickle(path):  # a DCP directory's own
+        from ._dcp import read_dcp
+
+        return read_dcp(os.path.dirname(os.path.abspath(path)), allow)
     if st.st_size == 0:
         raise CheckpointFormatError(path, "empty file (0 bytes)", "The download or save failed")
     with open(path, "rb") as f:
@@ -209,51 +217,78 @@ def _read_torch_zip(path: str, symbolic: bool, allow: frozenset[str]) -> RawChec
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        members = _zip_members(path, mm)
-        pkl = [name for name in members if name.rpartition("/")[2] == "data.pkl"]
-        if len(pkl) != 1 or pkl[0].count("/") != 1:
-            raise CheckpointFormatError(
-                path,
-                f"expected exactly one <name>/data.pkl in the zip, found {len(pkl)}",
-                "This is not a torch.save archive",
-            )
-        prefix = pkl[0][: -len("data.pkl")]
-        order = members.get(prefix + "byteorder")
-        if order is not None and _member_bytes(path, mm, order) != b"little":
-            raise CheckpointFormatError(path, "a big-endian checkpoint", "Re-save it on x86/ARM")
-        pickle_bytes = _member_bytes(path, mm, members[pkl[0]], check_crc=True)
-        storages: dict[str, StorageRef] = {}
-        sources: dict[str, Source] = {}
-        data_prefix = f"{prefix}data/"
-
-        def persistent_load(pid: Any) -> StorageRef:
-            ref = _storage_ref(pid, storages)
-            key = ref.key
-            if key not in sources:
-                member = members.get(data_prefix + key)
-                if member is None:
-                    raise Refused(f"storage {key!r} is missing")
-                offset = _data_offset(path, mm, member)
-                nbytes = ref.numel * DTYPE_ITEMSIZE[ref.dtype]
-                if member.size < nbytes:
-                    raise Refused(
-                        f"storage {member.name!r} declares {nbytes} bytes but holds {member.size}"
-                    )
-                sources[key] = Source(path, offset, nbytes, member.crc)
-            return ref
-
-        tree, globals_ = unpickle(
-            io.BytesIO(pickle_bytes),
-            path=path,
-            member=pkl[0],
-            symbolic=symbolic,
-            allow_globals=allow,
-            persistent_load=persistent_load,
-            end=len(pickle_bytes),
-        )
+        tree, sources, globals_ = torch_zip_tree(path, mm, symbolic, allow)
     finally:
         mm.close()
     return RawCheckpoint(path, "torch-zip", tree, sources, globals_)
+
+
+def torch_zip_tree(
+    path: str, mm: mmap.mmap, symbolic: bool, allow: frozenset[str]
+) -> tuple[Any, dict[str, Source], list[str]]:
+    """The object tree, storage sources and globals of the ``torch.save`` archive ``mm``."""
+    members, prefix, pickle_bytes = torch_zip_pickle(path, mm)
+    storages: dict[str, StorageRef] = {}
+    sources: dict[str, Source] = {}
+
+    def persistent_load(pid: Any) -> StorageRef:
+        ref = storage_ref(pid, storages)
+        key = ref.key
+        if key not in sources:
+            sources[key] = storage_source(path, mm, members, prefix, ref)
+        return ref
+
+    tree, globals_ = unpickle(
+        io.BytesIO(pickle_bytes),
+        path=path,
+        member=f"{prefix}data.pkl",
+        symbolic=symbolic,
+        allow_globals=allow,
+        persistent_load=persistent_load,
+        end=len(pickle_bytes),
+    )
+    return tree, sources, globals_
+
+
+def torch_zip_pickle(
+    path: str, mm: mmap.mmap, start: int = 0, end: int | None = None
+) -> tuple[dict[str, _Member], str, bytes]:
+    """The members of the ``torch.save`` archive that fills ``mm[start:end]`` (the whole file by
+    default; one item of a DCP ``.distcp`` file, whose zip offsets count from the item's start),
+    its ``<name>/`` prefix, and its ``data.pkl`` (CRC checked). Little-endian only."""
+    members = _zip_members(path, mm, start, end)
+    pkl = [name for name in members if name.rpartition("/")[2] == "data.pkl"]
+    if len(pkl) != 1 or pkl[0].count("/") != 1:
+        raise CheckpointFormatError(
+            path,
+            f"expected exactly one <name>/data.pkl in the zip, found {len(pkl)}",
+            "This is not a torch.save archive",
+        )
+    prefix = pkl[0][: -len("data.pkl")]
+    order = members.get(prefix + "byteorder")
+    if order is not None and _member_bytes(path, mm, order, end=end) != b"little":
+        raise CheckpointFormatError(path, "a big-endian checkpoint", "Re-save it on x86/ARM")
+    return members, prefix, _member_bytes(path, mm, members[pkl[0]], check_crc=True, end=end)
+
+
+def storage_source(
+    path: str,
+    mm: mmap.mmap,
+    members: dict[str, _Member],
+    prefix: str,
+    ref: StorageRef,
+    end: int | None = None,
+) -> Source:
+    """Where the storage ``ref`` of a ``torch.save`` archive lies (raises :class:`Refused`)."""
+    member = members.get(f"{prefix}data/{ref.key}")
+    if member is None:
+        raise Refused(f"storage {ref.key!r} is missing")
+    offset = _data_offset(path, mm, member, end)
+    if member.size < ref.nbytes:
+        raise Refused(
+            f"storage {member.name!r} declares {ref.nbytes} bytes but holds {member.size}"
+        )
+    return Source(path, offset, ref.nbytes, member.crc)
 
 
 class _Member(NamedTuple):
@@ -277,41 +312,47 @@ _LOCAL = struct.Struct("<4s4xH16x2H")
 _ZIP64_MARK = 0xFFFFFFFF
 
 
-def _zip_members(path: str, mm: mmap.mmap) -> dict[str, _Member]:
+def _zip_members(
+    path: str, mm: mmap.mmap, start: int = 0, stop: int | None = None
+) -> dict[str, _Member]:
     """The central directory, checked: one entry per name, stored (not compressed), unencrypted,
     inside the file. Our own reader rather than ``zipfile``: it costs 1 µs per member instead of
-    3.5, and it keeps the raw names for the local-header check."""
-    size = len(mm)
+    3.5, and it keeps the raw names for the local-header check.
+
+    The archive fills ``mm[start:stop]`` (the whole file by default): its own offsets count from
+    ``start``; the members' header offsets returned are absolute."""
+    stop = len(mm) if stop is None else stop
+    size = stop - start
 
     def corrupt(problem: str) -> CheckpointFormatError:
         return CheckpointFormatError(path, f"corrupt zip archive ({problem})", "Download it again")
 
     # the end record is the last 22 bytes, unless a comment (up to 64 KB) follows it
-    floor, end = max(0, size - _EOCD.size - 0xFFFF), size
+    floor, end = max(start, stop - _EOCD.size - 0xFFFF), stop
     while True:
         end = mm.rfind(b"PK\x05\x06", floor, end)
-        if end < 0 or end + _EOCD.size > size:
+        if end < 0 or end + _EOCD.size > stop:
             raise corrupt("no end of central directory record; the file is truncated")
         *_, comment_length = _EOCD.unpack_from(mm, end)
-        if end + _EOCD.size + comment_length == size:
+        if end + _EOCD.size + comment_length == stop:
             break
     _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(mm, end)
     if disk or cd_disk:
         raise corrupt("a multi-disk archive")
     if count == 0xFFFF or cd_size == _ZIP64_MARK or cd_offset == _ZIP64_MARK:
         locator = end - _EOCD64_LOCATOR.size
-        if locator < 0 or mm[locator : locator + 4] != b"PK\x06\x07":
+        if locator < start or mm[locator : locator + 4] != b"PK\x06\x07":
             raise corrupt("zip64 end record locator missing")
-        at = _EOCD64_LOCATOR.unpack_from(mm, locator)[2]
+        at = start + _EOCD64_LOCATOR.unpack_from(mm, locator)[2]
         if at + _EOCD64.size > locator or mm[at : at + 4] != b"PK\x06\x06":
             raise corrupt("zip64 end record missing")
         *_, count, cd_size, cd_offset = _EOCD64.unpack_from(mm, at)
         end = at
-    if cd_offset + cd_size > end:
+    if start + cd_offset + cd_size > end:
         raise corrupt("the central directory lies outside the file")
     entries = []
     unpack = _CENTRAL.unpack_from
-    pos, cd_end = cd_offset, cd_offset + cd_size
+    pos, cd_end = start + cd_offset, start + cd_offset + cd_size
     for _ in range(count):
         if pos + _CENTRAL.size > cd_end:
             raise corrupt("the central directory is truncated")
@@ -358,7 +399,7 @@ def _zip_members(path: str, mm: mmap.mmap) -> dict[str, _Member]:
                 f"zip member {name!r} declares {usize} bytes, more than the file",
                 "The file is truncated or was tampered with",
             )
-        members[name] = _Member(name, raw, offset, usize, crc)
+        members[name] = _Member(name, raw, start + offset, usize, crc)
     return members
 
 
@@ -385,9 +426,11 @@ def _zip64_extra(
     raise corrupt("a zip64 member without its zip64 extra field")
 
 
-def _data_offset(path: str, mm: mmap.mmap, member: _Member) -> int:
+def _data_offset(path: str, mm: mmap.mmap, member: _Member, stop: int | None = None) -> int:
+    """Where ``member``'s data begins (its archive ends at ``stop``, by default the file's end)."""
+    stop = len(mm) if stop is None else stop
     start = member.header_offset
-    if start + _LOCAL.size > len(mm):
+    if start + _LOCAL.size > stop:
         raise CheckpointFormatError(path, f"zip member {member.name!r}: bad local header")
     sig, method, name_len, extra_len = _LOCAL.unpack_from(mm, start)
     if sig != b"PK\x03\x04":
@@ -402,13 +445,15 @@ def _data_offset(path: str, mm: mmap.mmap, member: _Member) -> int:
     if method != zipfile.ZIP_STORED:
         raise CheckpointFormatError(path, f"zip member {member.name!r} is compressed")
     offset: int = start + 30 + name_len + extra_len
-    if offset + member.size > len(mm):
+    if offset + member.size > stop:
         raise CheckpointFormatError(path, f"zip member {member.name!r} is truncated")
     return offset
 
 
-def _member_bytes(path: str, mm: mmap.mmap, member: _Member, check_crc: bool = False) -> bytes:
-    offset = _data_offset(path, mm, member)
+def _member_bytes(
+    path: str, mm: mmap.mmap, member: _Member, check_crc: bool = False, end: int | None = None
+) -> bytes:
+    offset = _data_offset(path, mm, member, end)
     data = mm[offset : offset + member.size]
     if check_crc and zlib.crc32(data) != member.crc:
         raise CheckpointFormatError(
@@ -417,7 +462,7 @@ def _member_bytes(path: str, mm: mmap.mmap, member: _Member, check_crc: bool = F
     return data
 
 
-def _storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
+def storage_ref(pid: Any, storages: dict[str, StorageRef]) -> StorageRef:
     if type(pid) is str:
         pid = _text_pid(pid)
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
@@ -471,7 +516,7 @@ def _legacy_ref(pid: Any, storages: dict[str, StorageRef]) -> Any:
         if not is_stand_in_class(pid[1]):
             raise Refused(f"a module persistent id naming {brief(pid[1])}")
         return pid[1]
-    return _storage_ref(pid, storages)
+    return storage_ref(pid, storages)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -674,6 +719,10 @@ _DIRECTORY_CANDIDATES = (
 def _read_directory(
     path: str, symbolic: bool, allow: frozenset[str], trail: _Trail
 ) -> RawCheckpoint:
+    if _is_dcp(path):  # torch.distributed.checkpoint
+        from ._dcp import read_dcp  # it reads the archives in .distcp files with this module
+
+        return read_dcp(path, allow)
     for name in _DIRECTORY_CANDIDATES:
         candidate = os.path.join(path, name)
         if os.path.isfile(candidate):
@@ -689,9 +738,27 @@ def _read_directory(
     raise CheckpointFormatError(
         path,
         f"a directory without a checkpoint smartload recognises (contains: {', '.join(names[:8])})",
-        "Pass the checkpoint file, or a directory holding model.safetensors[.index.json] or "
-        "pytorch_model.bin[.index.json]",
+        "Pass the checkpoint file, or a directory holding model.safetensors[.index.json], "
+        "pytorch_model.bin[.index.json] or a torch.distributed.checkpoint save (.metadata)",
     )
+
+
+def _is_dcp(path: str) -> bool:
+    """Whether ``path`` is a DCP directory, or its ``.metadata``."""
+    if os.path.basename(path) != DCP_METADATA:
+        path = os.path.join(path, DCP_METADATA)
+    return os.path.isfile(path) and _is_pickle(path)
+
+
+def _is_pickle(path: str) -> bool:
+    """Whether the file opens like a pickle of protocol 2 or later (a DCP ``.metadata`` does;
+    a JSON one some writers leave does not)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
 
 
 def _read_index(path: str, symbolic: bool, allow: frozenset[str], trail: _Trail) -> RawCheckpoint:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from ._formats import read
 from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape
-from ._records import DTYPE_ITEMSIZE, TensorRecord
+from ._records import DTYPE_ITEMSIZE, ChunkedRecord, TensorRecord
 from ._unpickler import inert_globals, unknown_globals
 
 __all__ = ["CheckpointInfo", "TensorInfo", "Verdict", "inspect"]
@@ -39,9 +39,10 @@ _HEAD_PATTERNS: tuple[tuple[str, int, int, str], ...] = (
 
 @dataclass(frozen=True)
 class TensorInfo:
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # global, for a tensor saved in chunks (DCP)
     dtype: str
     contiguous: bool = True
+    chunks: int = 1  # the pieces it is stored in (DCP: one per saving rank, or none if empty)
 
     @property
     def numel(self) -> int:
@@ -114,8 +115,13 @@ class CheckpointInfo:
     def non_contiguous(self) -> list[str]:
         return [k for k, t in self.tensors.items() if not t.contiguous]
 
+    @property
+    def num_chunks(self) -> int:
+        """The pieces the tensors are stored in (as many as tensors, but for DCP directories)."""
+        return sum(t.chunks for t in self.tensors.values())
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "path": self.path,
             "format": self.format,
             "safe": True,  # nothing hostile: the verdict is SAFE or UNKNOWN
@@ -135,10 +141,17 @@ class CheckpointInfo:
             "shared_storages": self.shared_storages,
             "module_tree": self.module_tree.to_dict() if self.module_tree is not None else None,
             "non_contiguous": self.non_contiguous,
-            "tensors": {
-                k: {"shape": list(t.shape), "dtype": t.dtype} for k, t in self.tensors.items()
-            },
+            "tensors": {k: self._tensor_dict(t) for k, t in self.tensors.items()},
         }
+        if self.format == "dcp":
+            out["num_chunks"] = self.num_chunks
+        return out
+
+    def _tensor_dict(self, t: TensorInfo) -> dict[str, Any]:
+        out: dict[str, Any] = {"shape": list(t.shape), "dtype": t.dtype}
+        if self.format == "dcp":
+            out["chunks"] = t.chunks
+        return out
 
 
 def inspect(
@@ -169,6 +182,7 @@ def inspect(
             leaf_shape(leaf),
             leaf_dtype(leaf),
             leaf.is_contiguous() if isinstance(leaf, TensorRecord) else True,
+            len(leaf.chunks) if isinstance(leaf, ChunkedRecord) else 1,
         )
         for key, leaf in leaves.items()
     }
@@ -183,7 +197,8 @@ def inspect(
         other_state_dicts=others,
         extras=describe_extras(raw.tree, (sd_path, *others)),
         globals=tuple(raw.globals),
-        inert_globals=tuple(inert_globals(raw.globals)),
+        # a DCP .metadata names its own allowlist only: each a builder, none an inert stand-in
+        inert_globals=() if raw.format == "dcp" else tuple(inert_globals(raw.globals)),
         unknown_globals=tuple(unknown_globals(raw.globals)),
         metadata=raw.metadata,
         heads=tuple(_guess_heads(tensors)),

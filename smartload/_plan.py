@@ -125,7 +125,7 @@ def open_checkpoint(
         choice.ema,
         choice.others,
         extras,
-        tuple(inert_globals(raw.globals)),
+        () if raw.format == "dcp" else tuple(inert_globals(raw.globals)),  # DCP: builders only
         choice.module,
     )
 

@@ -36,7 +36,7 @@ from ._apply import (
     nonfinite_refusal,
     slice_pairs,
 )
-from ._boxread import BoxReader, full_box
+from ._boxread import BoxReader, Run, all_finite, copy_runs, full_box
 from ._init import Box, default_seed
 from ._load_hooks import compute
 from ._plan import dtype_refusal
@@ -163,14 +163,22 @@ def load_collective(
     if dry_run:
         return plan, Distributed(world, checkpoint_bytes, (0,) * world, sharded)
 
-    def read_step() -> tuple[dict[str, torch.Tensor], _Outcome]:
-        values, nbytes = _read_boxes(plan, model, on_nonfinite, verify_checksums, seed, rank, world)
-        return values, _Outcome(bytes_read=nbytes)
+    reader = BoxReader(
+        {} if verify_checksums else plan.sources,
+        Materializer(plan.sources, verify_crc=verify_checksums),
+    )
 
-    values, mine = _attempt(read_step)
-    outcomes = _agree(mine, group, world, "reading")
-    assert values is not None
-    _write(plan, values)
+    def read_step() -> tuple[dict[str, _Value], _Outcome]:
+        values = _read_boxes(plan, model, reader, on_nonfinite, seed, rank, world)
+        return values, _Outcome(bytes_read=reader.bytes_read)
+
+    try:
+        values, mine = _attempt(read_step)
+        outcomes = _agree(mine, group, world, "reading")
+        assert values is not None
+        _write(plan, values, reader)
+    finally:
+        reader.close()
     return plan, Distributed(
         world, checkpoint_bytes, tuple(o.bytes_read for o in outcomes), sharded
     )
@@ -302,56 +310,104 @@ def _partition(n: int, rank: int, world: int) -> tuple[int, int]:
     return min(n, rank * size), min(n, (rank + 1) * size)
 
 
+# a rank's value for a key: a tensor, or the runs of a same-dtype copy (copied from the file's
+# memory map into the shard once the ranks agree)
+_Value = torch.Tensor | list[Run]
+
+
 def _read_boxes(
     plan: LoadPlan,
     model: torch.nn.Module,
+    reader: BoxReader,
     on_nonfinite: str,
-    verify_checksums: bool,
     seed: int,
     rank: int,
     world: int,
-) -> tuple[dict[str, torch.Tensor], int]:
+) -> dict[str, _Value]:
     """This rank's values, every one read and checked; nothing written. Each checkpoint value
     one process would check is checked by some rank: copies by the ranks holding it, the source
     of a slice split across ranks by rows (so a dropped row is checked too)."""
     boxes = _boxes(plan)
-    materializer = Materializer(plan.sources, verify_crc=verify_checksums)
-    reader = BoxReader({} if verify_checksums else plan.sources, materializer)
-    values: dict[str, torch.Tensor] = {}
+    values: dict[str, _Value] = {}
     checked: dict[str, tuple[torch.Tensor, str]] = {}
     buffers: dict[str, torch.Tensor] = {}
     misfits: list[tuple[PlanEntry, str]] = []
     computed: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        for entry in plan.entries:
-            if entry.action == "skip":
-                continue
-            target = plan.targets[entry.key]
-            local = _local(target)
-            box = boxes[entry.key]
-            source = _source_box(plan, model, entry, box, reader, computed, checked, rank, world)
-            if source is not None and not isinstance(target, torch.nn.Parameter):
-                buffers[entry.source or entry.key] = local
-            value, misfit = new_value(entry, target.dtype, seed, box=box, source=source)
-            if tuple(value.shape) != tuple(local.shape):
-                raise InvalidArgumentError(
-                    f"{entry.transform or entry.action} gave shape {list(value.shape)} for the "
-                    f"shard of {entry.key!r}, not {list(local.shape)}; this is a bug in "
-                    "smartload. Nothing was loaded"
-                )
-            values[entry.key] = value
-            if misfit is not None:
-                misfits.append((entry, misfit))
-        if on_nonfinite == "error" and (nonfinite := nonfinite_keys(checked, buffers)):
-            raise nonfinite_refusal(plan.checkpoint, nonfinite)
-        if misfits:
-            raise dtype_refusal(
-                "values that the model's dtype cannot hold", misfits, plan.checkpoint
+    for entry in plan.entries:
+        if entry.action == "skip":
+            continue
+        target = plan.targets[entry.key]
+        local = _local(target)
+        box = boxes[entry.key]
+        runs = _direct_runs(plan, entry, target, box, reader)
+        if runs is not None:
+            if on_nonfinite == "error" and not _finite(reader, runs, entry, box, checked, plan):
+                continue  # read again as a tensor, into checked: its NaN/Inf are counted there
+            values[entry.key] = runs
+            continue
+        source = _source_box(plan, model, entry, box, reader, computed, checked, rank, world)
+        if source is not None and not isinstance(target, torch.nn.Parameter):
+            buffers[entry.source or entry.key] = local
+        value, misfit = new_value(entry, target.dtype, seed, box=box, source=source)
+        if tuple(value.shape) != tuple(local.shape):
+            raise InvalidArgumentError(
+                f"{entry.transform or entry.action} gave shape {list(value.shape)} for the "
+                f"shard of {entry.key!r}, not {list(local.shape)}; this is a bug in "
+                "smartload. Nothing was loaded"
             )
-        check_writable({k: _local(plan.targets[k]) for k in values}, values)
-        return values, reader.bytes_read
-    finally:
-        reader.close()
+        values[entry.key] = value
+        if misfit is not None:
+            misfits.append((entry, misfit))
+    if on_nonfinite == "error" and (nonfinite := nonfinite_keys(checked, buffers)):
+        raise nonfinite_refusal(plan.checkpoint, nonfinite)
+    if misfits:
+        raise dtype_refusal("values that the model's dtype cannot hold", misfits, plan.checkpoint)
+    check_writable({k: _local(plan.targets[k]) for k in values}, values)
+    return values
+
+
+# dtypes whose values a copy takes byte for byte, checked by a sum (float8 and complex: as tensors)
+_DIRECT = {
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool,
+}  # fmt: skip
+
+
+def _direct_runs(
+    plan: LoadPlan, entry: PlanEntry, target: torch.Tensor, box: Box, reader: BoxReader
+) -> list[Run] | None:
+    """The runs of a copy that needs no value of its own: same dtype, no conversion, into a
+    contiguous parameter shard (buffers go through tensors: their infinities may be by design)."""
+    if (
+        entry.action != "copy"
+        or entry.key in plan.transforms
+        or (plan.hooked is not None and entry.key in plan.hooked.computed)
+        or not isinstance(target, torch.nn.Parameter)
+        or target.dtype not in _DIRECT
+        or entry.ckpt_dtype != str(target.dtype).removeprefix("torch.")
+        or not _local(target).is_contiguous()
+    ):
+        return None
+    assert entry.source is not None
+    return reader.runs(plan.tensors[entry.source], box)
+
+
+def _finite(
+    reader: BoxReader,
+    runs: list[Run],
+    entry: PlanEntry,
+    box: Box,
+    checked: dict[str, tuple[torch.Tensor, str]],
+    plan: LoadPlan,
+) -> bool:
+    """Whether the runs of ``entry`` are all finite; if not, the box is read as a tensor into
+    ``checked``, where its NaN and Inf are counted (a large sum may only have overflowed)."""
+    dtype = _local(plan.targets[entry.key]).dtype
+    if not dtype.is_floating_point or all_finite(reader, runs, dtype):
+        return True
+    assert entry.source is not None
+    checked[entry.source] = (reader.read(plan.tensors[entry.source], box), entry.ckpt_dtype or "")
+    return False
 
 
 def _source_box(
@@ -415,9 +471,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-def _write(plan: LoadPlan, values: Mapping[str, torch.Tensor]) -> None:
+def _write(plan: LoadPlan, values: Mapping[str, _Value], reader: BoxReader) -> None:
     """Copy into each local shard (``copy_`` under ``no_grad``: FSDP2's sharded storage, and
     parameter identity, are kept). Nothing here can fail: shapes and dtypes are checked."""
     with torch.no_grad():
         for key, value in values.items():
-            _local(plan.targets[key]).copy_(value)
+            if isinstance(value, list):
+                copy_runs(reader, value, _local(plan.targets[key]))
+            else:
+                _local(plan.targets[key]).copy_(value)

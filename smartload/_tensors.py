@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._dcp import chunk_source
 from ._formats import Source
-from ._records import ArrayRecord, TensorRecord
+from ._records import ArrayRecord, Chunk, ChunkedRecord, TensorRecord
 from .errors import CheckpointFormatError
 
 __all__ = [
@@ -51,6 +52,8 @@ class Materializer:
             return self._from_record(leaf)
         if isinstance(leaf, ArrayRecord):
             return _from_array(leaf)
+        if isinstance(leaf, ChunkedRecord):
+            return self._from_chunks(leaf)
         if isinstance(leaf, torch.Tensor):
             return leaf
         if isinstance(leaf, np.ndarray):
@@ -61,7 +64,7 @@ class Materializer:
         """A reader of the tensor of each key of ``leaves``."""
         return lambda key: self.tensor(leaves[key])
 
-    def _file_bytes(self, path: str) -> torch.Tensor:
+    def file_bytes(self, path: str) -> torch.Tensor:
         data = self._files.get(path)
         if data is None:
             size = os.path.getsize(path)
@@ -73,7 +76,7 @@ class Materializer:
     def _typed_file(self, path: str, dtype: torch.dtype) -> torch.Tensor:
         typed = self._typed.get((path, dtype))
         if typed is None:
-            data = self._file_bytes(path)
+            data = self.file_bytes(path)
             itemsize = dtype.itemsize
             typed = data[: len(data) - len(data) % itemsize].view(dtype)
             self._typed[(path, dtype)] = typed
@@ -97,7 +100,7 @@ class Materializer:
     ) -> torch.Tensor:
         """Storages checked against their CRC, or not aligned to their dtype (safetensors and
         legacy files)."""
-        raw = self._file_bytes(source.file)[source.offset : source.offset + source.nbytes]
+        raw = self.file_bytes(source.file)[source.offset : source.offset + source.nbytes]
         if len(raw) != source.nbytes:
             raise CheckpointFormatError(source.file, f"storage {record.storage.key!r} is truncated")
         if self._verify_crc and source.crc is not None and record.storage.key not in self._checked:
@@ -118,6 +121,39 @@ class Materializer:
         typed = raw.view(dtype)
         # as_strided's offset counts from the start of the storage, not of the view
         return typed.as_strided(record.shape, record.stride, typed.storage_offset() + record.offset)
+
+    def _from_chunks(self, record: ChunkedRecord) -> torch.Tensor:
+        """A tensor saved in chunks (DCP), assembled; a chunk that is the whole tensor is
+        returned as it is read (a view of the file where its offset is aligned)."""
+        dtype = torch_dtype(record.dtype)
+        chunks = record.chunks
+        if len(chunks) == 1 and chunks[0].sizes == record.shape:
+            return self._chunk(chunks[0], record.dtype, dtype)
+        out = torch.empty(record.shape, dtype=dtype)
+        for chunk in chunks:
+            box = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
+            out[box] = self._chunk(chunk, record.dtype, dtype)
+        return out
+
+    def _chunk(self, chunk: Chunk, name: str, dtype: torch.dtype) -> torch.Tensor:
+        source = chunk_source(chunk, name)
+        raw = self.file_bytes(source.file)[source.offset : source.offset + source.nbytes]
+        if len(raw) != source.nbytes:
+            raise CheckpointFormatError(
+                source.file, f"the chunk at byte {source.offset:,} is truncated"
+            )
+        key = f"{source.file}@{source.offset}"
+        if self._verify_crc and source.crc is not None and key not in self._checked:
+            if zlib.crc32(raw.numpy().data) != source.crc:
+                raise CheckpointFormatError(
+                    source.file,
+                    f"CRC mismatch in the chunk at byte {source.offset:,}",
+                    "The file is corrupt",
+                )
+            self._checked.add(key)
+        if source.offset % dtype.itemsize:  # aligned inside its item, not inside the file
+            raw = raw.clone()
+        return raw.view(dtype).reshape(chunk.sizes)
 
 
 def _from_array(record: ArrayRecord) -> torch.Tensor:
@@ -185,9 +221,14 @@ READ_FLOOR = 256 << 20
 
 
 def stored_bytes(leaves: Mapping[str, Any], sources: Mapping[str, Source]) -> int:
-    """The bytes a checkpoint stores: its storages, and its arrays pickled inline, each once."""
-    arrays = {id(leaf): leaf.nbytes for leaf in leaves.values() if type(leaf) is ArrayRecord}
-    return sum(source.nbytes for source in sources.values()) + sum(arrays.values())
+    """The bytes a checkpoint stores: its storages, its arrays pickled inline and its chunked
+    (DCP) tensors, each once (chunks tile a tensor exactly: its bytes are theirs)."""
+    inline = {
+        id(leaf): leaf.nbytes
+        for leaf in leaves.values()
+        if type(leaf) is ArrayRecord or type(leaf) is ChunkedRecord
+    }
+    return sum(source.nbytes for source in sources.values()) + sum(inline.values())
 
 
 def reducible(t: torch.Tensor) -> torch.Tensor:

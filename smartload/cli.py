@@ -3,7 +3,8 @@
 Exit codes: 0 ok; 1 ``diff A B`` found a difference; 2 usage error; 3 the file cannot be read
 (corrupt, truncated, unknown format); 4 the file is hostile, verdict UNSAFE (nothing was run); 5
 the checkpoint does not fit the model; 6 ``inspect``'s verdict is UNKNOWN: the file names globals
-smartload does not know (kept inert, nothing was run).
+smartload does not know (kept inert, nothing was run), or a DCP ``.metadata`` names globals that
+DCP never writes there (refused, nothing built), whatever the command.
 
 ``inspect`` imports no torch (unless ``--scan``), so it answers in a fraction of a second.
 Output for people goes through rich (colours only on a terminal; ``NO_COLOR`` honoured); ``--json``
@@ -23,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
+from ._dcp import UnknownGlobalsError
 from ._inspect import CheckpointInfo, TensorInfo, inspect
 from ._module_tree import ModuleTree
 from ._report import group_keys
@@ -55,6 +57,7 @@ examples:
   smartload inspect model_final.pth                 format, safety, state dict, keys (no data read)
   smartload inspect ckpt.pth --scan                 also read the data: NaN/Inf and all-zero tensors
   smartload inspect ckpt.pth --json | jq .num_params
+  smartload inspect checkpoints/step-1000           a torch.distributed.checkpoint (DCP) directory
   smartload diff ckpt.pth.tar --model timm:convnext_tiny --num-classes 10
   smartload diff model_final.pth --model d2:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml \\
       --num-classes 3 --class-map person,car,dog --source-classes coco_2017_train
@@ -66,7 +69,8 @@ exit codes: 0 ok (inspect: SAFE, every global the file names is known to be data
             2 usage, 3 unreadable file, 4 hostile file: UNSAFE (nothing was run),
             5 the checkpoint does not fit the model,
             6 inspect: UNKNOWN, the file names globals smartload does not know (kept inert,
-              nothing was run; torch.load without weights_only would import them);
+              nothing was run; torch.load without weights_only would import them; a DCP
+              .metadata naming any is refused, by every command);
             diff A B: 0 identical (same keys, shapes, dtypes and values), 1 they differ
 """
 
@@ -141,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, out)
     except UnsafeCheckpointError as exc:
         return _fail(args, exc, EXIT_UNSAFE, "unsafe")
+    except UnknownGlobalsError as exc:  # a DCP .metadata refused for what it names
+        return _fail(args, exc, EXIT_UNKNOWN, "unknown")
     except CheckpointFormatError as exc:
         return _fail(args, exc, EXIT_UNREADABLE, "unreadable")
     except IncompatibleCheckpointError as exc:
@@ -169,6 +175,9 @@ def _fail(args: argparse.Namespace, exc: SmartloadError, code: int, verdict: str
         if isinstance(exc, UnsafeCheckpointError):
             out["globals"] = exc.globals
             out["calls"] = exc.calls
+        if isinstance(exc, UnknownGlobalsError):
+            out["verdict"] = "UNKNOWN"
+            out["unknown_globals"] = exc.globals
         if isinstance(exc, IncompatibleCheckpointError):
             out["mismatches"] = [
                 {"key": k, "ckpt_shape": _list(c), "model_shape": _list(m)}
@@ -181,6 +190,9 @@ def _fail(args: argparse.Namespace, exc: SmartloadError, code: int, verdict: str
         for call in exc.calls:
             err.print(f"  would have run:  {_printable(call)}", markup=False)
         err.print("  nothing from the file was run", markup=False)
+    if isinstance(exc, UnknownGlobalsError):
+        err.print(Text(f"UNKNOWN {args.path}", style="bold yellow"))
+        err.print(f"  unknown globals: {_printable(', '.join(exc.globals))}", markup=False)
     err.print(
         Text(_printable(f"smartload: {verdict}: {exc}")),
         style="red" if code != EXIT_USAGE else None,
@@ -239,6 +251,8 @@ def _render_inspect(out: Console, info: CheckpointInfo, *, show_all: bool) -> No
         fact("shared", f"{info.shared_storages} storage(s) viewed by several tensors")
     if info.non_contiguous:
         fact("strided", f"{len(info.non_contiguous)} non-contiguous tensor(s)")
+    if info.format == "dcp":
+        fact("chunks", _chunk_fact(info))
     for key, value in info.metadata.items():
         fact("metadata", f"{key} = {value[:80]}")
     _print_trimmed(out, facts)
@@ -270,6 +284,16 @@ def _verdict_line(info: CheckpointInfo) -> Text:
         return line
     line = Text("UNKNOWN", style="bold yellow")
     line.append(f"  {info.format}; {_printable(info.verdict_reason)}", style="default")
+    return line
+
+
+def _chunk_fact(info: CheckpointInfo) -> str:
+    """How a DCP state dict is split: ``14 chunks for 12 tensors; split: fc.weight ×2``."""
+    split = [(k, t.chunks) for k, t in info.tensors.items() if t.chunks > 1]
+    line = f"{info.num_chunks:,} for {info.num_tensors:,} tensors"
+    if split:
+        shown = ", ".join(f"{k} ×{n}" for k, n in split[:4])
+        line += f"; split: {shown}" + (f", ... {len(split) - 4} more" if len(split) > 4 else "")
     return line
 
 

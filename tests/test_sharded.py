@@ -41,7 +41,8 @@ def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
     return run_scenarios(tmp_path_factory.mktemp("sharded4"), 4, *names)
 
 
-HEAD_LOADS = [f"{k}_{f}" for k in ("fsdp", "tp") for f in ("torch", "safetensors", "index")]
+FORMATS = ("torch", "safetensors", "index", "dcp")
+HEAD_LOADS = [f"{k}_{f}" for k in ("fsdp", "tp") for f in FORMATS]
 
 
 @pytest.mark.parametrize("name", HEAD_LOADS)
@@ -70,14 +71,17 @@ def test_each_rank_reads_about_half_of_a_same_shape_checkpoint(
     ranks: list[dict[str, Any]],
 ) -> None:
     """Bytes read as /proc/self/io counts them (read() calls, from outside the loader): at most
-    1/2 + 5 % of the file per rank, and what the report says within the headers' few KB."""
-    for rank, result in enumerate(r["same_shape_bytes"] for r in ranks):
-        assert result["error"] is None
-        size = result["file_bytes"]
-        assert 0.45 * size < result["bytes_outside"] <= 0.55 * size
-        reported = result["report"]["distributed"]["ranks"][rank]["bytes_read"]
-        assert reported <= result["bytes_outside"] <= reported + 32_768
-        assert result["report"]["distributed"]["checkpoint_bytes"] == pytest.approx(size, rel=0.01)
+    1/2 + 5 % of the checkpoint per rank, and what the report says within the headers' few KB
+    (the files' and, for DCP, each chunk's own small archive header)."""
+    for name in ("same_shape_bytes", "dcp_same_shape_bytes"):
+        for rank, result in enumerate(r[name] for r in ranks):
+            assert result["error"] is None
+            size = result["file_bytes"]
+            reported = result["report"]["distributed"]["ranks"][rank]["bytes_read"]
+            assert 0.49 * size < reported <= 0.51 * size, (name, rank)
+            assert reported <= result["bytes_outside"] <= reported + 32_768, (name, rank)
+            checkpoint_bytes = result["report"]["distributed"]["checkpoint_bytes"]
+            assert checkpoint_bytes == pytest.approx(size, rel=0.02)
 
 
 def test_head_loads_read_about_half_too(ranks: list[dict[str, Any]]) -> None:
@@ -180,6 +184,37 @@ def test_four_ranks_fsdp_and_hsdp(four_ranks: list[dict[str, Any]]) -> None:
             hsdp <= 0.55 * result["hsdp_safetensors"]["report"]["distributed"]["checkpoint_bytes"]
         )
     assert [r["tiny_head"]["local_rows"] for r in four_ranks] == [1, 0, 0, 0]
+
+
+def test_a_dcp_save_loads_in_its_own_layout_reading_each_ranks_own_chunks(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for result in (r["dcp_same_shape_bytes"] for r in ranks):
+        assert result["error"] is None
+        assert result["equal"] == dict.fromkeys(result["equal"], True)
+        assert result["bytes_outside"] <= 0.55 * result["file_bytes"]
+        assert result["report"]["format"] == "dcp"
+
+
+def test_a_hostile_dcp_metadata_is_refused_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    for rank in ranks:
+        result = rank["dcp_hostile_metadata"]
+        assert result["error"] == "UnsafeCheckpointError"
+        assert result["message"].startswith("ranks 0, 1: ")
+        assert "posix.system" in result["message"]
+        assert result["untouched"] is True
+
+
+def test_a_chunk_only_the_last_rank_reads_is_broken(ranks: list[dict[str, Any]]) -> None:
+    root = ranks[0]["checkpoints"]
+    for rank in ranks:
+        result = rank["dcp_chunk_broken_on_last_rank"]
+        assert result["error"] == "CheckpointFormatError"
+        assert result["message"].startswith(f"rank 1: {root}/dcp_broken/__1_0.distcp")
+        assert result["message"].endswith(
+            "Nothing was loaded on any rank (a failure while reading)."
+        )
+        assert result["untouched"] is True
 
 
 def test_report_is_written_by_rank_0_only(ranks: list[dict[str, Any]]) -> None:

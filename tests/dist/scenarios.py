@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -38,7 +41,7 @@ OLD_CLASSES = 1000
 # rows from both halves of the old head, and two new classes
 CLASS_MAP = [0, 999, 500, 3, None, 7, 600, 998, None, 1]
 SEED = 1234
-WIDE = 4097  # a body of 2.9 MB for counting bytes
+WIDE = 4097  # a body of 2.6 MB for counting bytes
 
 
 class Net(nn.Module):
@@ -117,6 +120,33 @@ def write_checkpoints(root: Path) -> None:
     save_file(same, root / "same_shape.safetensors")
 
 
+class _Hostile:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("echo pwned",))
+
+
+def write_dcp(root: Path) -> None:
+    """DCP directories saved by the sharded models themselves (every rank writes its chunks),
+    as training scripts do: ``{"model": state_dict}``, and copies of one spoilt."""
+    old = fsdp(build(OLD_CLASSES, seed=3))
+    dcp.save({"model": old.state_dict()}, checkpoint_id=root / "dcp")
+    same = fsdp(build(10, seed=5, width=WIDE))
+    dcp.save(same.state_dict(), checkpoint_id=root / "dcp_same")
+    dist.barrier()
+    if dist.get_rank() != 0:
+        return
+    hostile = root / "dcp_hostile"
+    shutil.copytree(root / "dcp", hostile)
+    (hostile / ".metadata").write_bytes(pickle.dumps(_Hostile(), protocol=4))
+    # the last rank's file garbled where its first chunk lies: only the rank reading it sees it
+    broken = root / "dcp_broken"
+    shutil.copytree(root / "dcp_same", broken)
+    last = sorted(broken.glob("*.distcp"))[-1]
+    data = bytearray(last.read_bytes())
+    data[:64] = b"\0" * 64
+    last.write_bytes(bytes(data))
+
+
 def reference(path: Path, classes: int, **kwargs: Any) -> dict[str, torch.Tensor]:
     """A one-process load into an unsharded model of ``classes`` (the expected values)."""
     model = build(classes).cpu()
@@ -192,7 +222,7 @@ def _head_load(name: str) -> Callable[[Path], dict[str, Any]]:
         parallel, file_name = HEAD_LOADS[name]
         path = root / file_name
         kwargs: dict[str, Any] = {"num_classes": 10, "class_map": CLASS_MAP, "init_seed": SEED}
-        if file_name == "ckpt.pt":
+        if file_name in ("ckpt.pt", "dcp"):
             kwargs["state_dict_path"] = ["model"]
         model = parallel(build(10))
         ids = [id(p) for p in model.parameters()]
@@ -271,9 +301,19 @@ def partial_placement(root: Path) -> dict[str, Any]:
 
 
 def same_shape_bytes(root: Path) -> dict[str, Any]:
+    return _bytes_outside(root, "same_shape.safetensors")
+
+
+def _bytes_outside(root: Path, name: str) -> dict[str, Any]:
+    """A same-shape load of ``name`` (a file or a DCP directory), with the bytes the rank read
+    by read() calls, as /proc/self/io counts them (every checked value is read that way, a few
+    MB at a time, before the ranks agree; the copy into the shards then takes the same pages
+    from the page cache)."""
+    path = root / name
     model = fsdp(build(10, width=WIDE))
-    result = run_load(model, root / "same_shape.safetensors", init_seed=SEED)
-    result["file_bytes"] = os.path.getsize(root / "same_shape.safetensors")
+    result = run_load(model, path, init_seed=SEED)
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    result["file_bytes"] = sum(f.stat().st_size for f in files if f.suffix != ".metadata")
     return result
 
 
@@ -291,6 +331,29 @@ def ddp_group_load(root: Path) -> dict[str, Any]:
     result = run_load(model, root / "model.safetensors", process_group=dist.group.WORLD, **kwargs)
     result["equal"] = shards_equal(model, reference(root / "model.safetensors", 10, **kwargs))
     return result
+
+
+def dcp_same_shape_bytes(root: Path) -> dict[str, Any]:
+    """The layout of the save: each rank reads its own chunks."""
+    result = _bytes_outside(root, "dcp_same")
+    model = fsdp(build(10, width=WIDE))
+    smartload.load(model, root / "dcp_same", init_seed=SEED)
+    result["equal"] = shards_equal(model, reference_wide(root / "dcp_same"))
+    return result
+
+
+def reference_wide(path: Path) -> dict[str, torch.Tensor]:
+    model = build(10, width=WIDE).cpu()
+    smartload.load(model, path, init_seed=SEED)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def dcp_hostile_metadata(root: Path) -> dict[str, Any]:
+    return run_load(fsdp(build(10)), root / "dcp_hostile", num_classes=10)
+
+
+def dcp_chunk_broken_on_last_rank(root: Path) -> dict[str, Any]:
+    return run_load(fsdp(build(10, width=WIDE)), root / "dcp_broken")
 
 
 def report_file(root: Path) -> dict[str, Any]:
@@ -312,11 +375,12 @@ HEAD_LOADS: dict[str, tuple[Callable[[Net], Net], str]] = {
         ("torch", "ckpt.pt"),
         ("safetensors", "model.safetensors"),
         ("index", "index"),
+        ("dcp", "dcp"),
     )
 }
 
 SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
-    "warm_up": same_shape_bytes,  # imports and first reads, before bytes are counted
+    "warm_up": forward_after_fsdp_load,  # imports and first reads, before bytes are counted
     **{name: _head_load(name) for name in HEAD_LOADS},
     "forward_after_fsdp_load": forward_after_fsdp_load,
     "default_seed_follows_manual_seed": default_seed_follows_manual_seed,
@@ -329,6 +393,9 @@ SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "same_shape_bytes": same_shape_bytes,
     "ddp_group_missing_path": ddp_group_missing_path,
     "ddp_group_load": ddp_group_load,
+    "dcp_same_shape_bytes": dcp_same_shape_bytes,
+    "dcp_hostile_metadata": dcp_hostile_metadata,
+    "dcp_chunk_broken_on_last_rank": dcp_chunk_broken_on_last_rank,
     "report_file": report_file,
 }
 
@@ -344,6 +411,8 @@ def main() -> None:
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         write_checkpoints(root)
+    dist.barrier()
+    write_dcp(root)
     dist.barrier()
     results: dict[str, Any] = {"world_size": dist.get_world_size(), "checkpoints": str(root)}
     only = set(sys.argv[2:])  # default: every scenario but those needing 4 ranks
