@@ -130,7 +130,7 @@ def load_collective(
     def plan_step() -> tuple[LoadPlan, _Outcome]:
         check_nonfinite_choice(on_nonfinite)
         plan = make()
-        targets = _boxes(plan)  # refuses placements that are not boxes, before anything is read
+        _boxes(plan)  # refuses placements that are not boxes, before anything is read
         if plan.loaders:
             raise InvalidArgumentError(
                 f"module(s) {', '.join(sorted(plan.loaders)[:5])} load through their own "
@@ -142,12 +142,12 @@ def load_collective(
                 "a sharded load reads from a file or a DCP directory, not a state dict in "
                 "memory. Nothing was loaded. Save the state dict (or pass its path)"
             )
+        # every rank draws (their generators stay in step); rank 0's draw is used
         seed = init_seed if init_seed is not None else (default_seed() if needs_seed(plan) else 0)
-        del targets
         return plan, _Outcome(digest=_digest(plan), seed=seed)
 
-    plan, mine = _attempt(plan_step)
-    outcomes = _agree(mine, group, world, "planning")
+    plan, mine, own = _attempt(plan_step)
+    outcomes = _agree(mine, own, group, world, "planning")
     digests = {o.digest for o in outcomes}
     if len(digests) > 1:
         differ = [r for r, o in enumerate(outcomes) if o.digest != outcomes[0].digest]
@@ -173,8 +173,8 @@ def load_collective(
         return values, _Outcome(bytes_read=reader.bytes_read)
 
     try:
-        values, mine = _attempt(read_step)
-        outcomes = _agree(mine, group, world, "reading")
+        values, mine, own = _attempt(read_step)
+        outcomes = _agree(mine, own, group, world, "reading")
         assert values is not None
         _write(plan, values, reader)
     finally:
@@ -188,16 +188,23 @@ def load_collective(
 # agreement
 
 
-def _attempt(step: Callable[[], tuple[_T, _Outcome]]) -> tuple[_T | None, _Outcome]:
-    """Run ``step``; a failure becomes an outcome (the other ranks must hear of it, not hang)."""
+def _attempt(
+    step: Callable[[], tuple[_T, _Outcome]],
+) -> tuple[_T | None, _Outcome, Exception | None]:
+    """Run ``step``; a failure becomes an outcome (the other ranks must hear of it, not hang),
+    and is kept to be the cause of the error every rank raises."""
     try:
-        return step()
+        value, outcome = step()
     except Exception as exc:  # every failure goes through the agreement; re-raised there
-        return None, _Outcome(failure=_describe_failure(exc))
+        return None, _Outcome(failure=_describe_failure(exc)), exc
+    return value, outcome, None
 
 
 def _describe_failure(exc: Exception) -> tuple[str, str, dict[str, Any]]:
-    kind = type(exc).__name__ if isinstance(exc, SmartloadError) else ""
+    """The failure as it travels: the nearest public smartload error class (by name), the
+    message, and the attributes that can be pickled."""
+    public = [c.__name__ for c in type(exc).__mro__ if c.__name__ in errors.__all__]
+    kind = public[0] if public else ""
     message = str(exc) if kind else f"{type(exc).__name__}: {exc}"
     attributes = {}
     for name, value in vars(exc).items():
@@ -209,13 +216,16 @@ def _describe_failure(exc: Exception) -> tuple[str, str, dict[str, Any]]:
     return kind, message, attributes
 
 
-def _agree(mine: _Outcome, group: Any, world: int, step: str) -> list[_Outcome]:
-    """Every rank's outcome; raises on every rank when any rank failed."""
+def _agree(
+    mine: _Outcome, own: Exception | None, group: Any, world: int, step: str
+) -> list[_Outcome]:
+    """Every rank's outcome; raises on every rank when any rank failed (``own``: this rank's
+    failure, the cause of what it raises)."""
     outcomes: list[Any] = [None] * world
     dist.all_gather_object(outcomes, mine, group=group)
     failed = [(r, o.failure) for r, o in enumerate(outcomes) if o.failure is not None]
     if failed:
-        raise _collective_error(failed, step)
+        raise _collective_error(failed, step) from own
     return outcomes
 
 
@@ -225,9 +235,7 @@ def _collective_error(
     """One error, the same on every rank: the class of the lowest failing rank's error (or
     :class:`SmartloadError` for an unexpected exception), naming every failing rank."""
     kind, _, attributes = failed[0][1]
-    cls = getattr(errors, kind, None) if kind else None
-    if not (isinstance(cls, type) and issubclass(cls, SmartloadError)):
-        cls = SmartloadError
+    cls: type[SmartloadError] = getattr(errors, kind) if kind else SmartloadError
     messages = [m for _, (_, m, _) in failed]
     if len(set(messages)) == 1 and len(failed) > 1:
         ranks = ", ".join(str(r) for r, _ in failed)

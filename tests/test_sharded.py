@@ -153,6 +153,9 @@ def test_a_failure_on_one_rank_fails_every_rank_and_writes_nothing(
         result = rank[name]
         assert result["error"] == error
         assert result["message"].startswith(message.format(root=root))
+        assert result["ranks"] == ([0, 1] if message.startswith("ranks 0, 1") else [1]) or (
+            name == "different_plans" and result["ranks"] is None
+        )
         assert result["untouched"] is True
     assert ranks[0][name]["message"] == ranks[1][name]["message"]
 
