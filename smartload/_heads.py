@@ -28,7 +28,9 @@ class HeadRule:
     deltas), plus a background class of ``block`` rows first or last (``background``): row
     ``g*K*block + k*block + j``, shifted by ``block`` when the background comes first. With
     ``background_per_group`` every group has its own background rows (torchvision's RetinaNet and
-    SSD: channel ``a*(K+1) + k``, class 0 the background).
+    SSD: channel ``a*(K+1) + k``, class 0 the background). ``group_lead`` and ``group_trail`` rows
+    of no class open and close every group and are always kept (YOLOv5's anchor blocks: 4 box
+    rows and an objectness row first, a Segment head's mask coefficients last).
     """
 
     name: str  # the head's module, for the report ("fc", "roi_heads.box_predictor.cls_score")
@@ -41,6 +43,8 @@ class HeadRule:
     std: float = 0.01  # weight init for new rows
     bias: float = 0.0  # bias init for new rows
     offset: int = 0  # leading checkpoint rows of no class (timm's label_offset), dropped
+    group_lead: int = 0  # rows of no class before each group's classes, kept
+    group_trail: int = 0  # rows of no class after each group's classes, kept
     # What the rows index: "classes" heads follow class_map; others (keypoints, stuff classes)
     # are copied when their count is unchanged and re-initialised when it changes.
     label_space: str = "classes"
@@ -51,6 +55,7 @@ class HeadRule:
     def num_classes(self, rows: int, *, checkpoint: bool = False) -> int | None:
         """The class count a head with ``rows`` rows along ``dim`` has, or None if none fits."""
         fixed = self.background_rows * (self.groups if self.background_per_group else 1)
+        fixed += (self.group_lead + self.group_trail) * self.groups
         fixed += self.offset if checkpoint else 0
         k, rem = divmod(rows - fixed, self.block * self.groups)
         return k if rem == 0 and k >= 0 else None
@@ -66,24 +71,26 @@ def source_rows(
 ) -> list[int | None]:
     """For each row of the new head, the checkpoint row it takes (None: initialise it)."""
     each = rule.background_per_group
-    lead = rule.background_rows if rule.background == "first" else 0  # before class 0
-    trail = rule.background_rows - lead  # after the last class
-    group = old_k * rule.block + (lead + trail if each else 0)  # checkpoint rows per group
-    first = rule.offset + (0 if each else lead)  # where group 0 starts
+    first_bg = rule.background_rows if rule.background == "first" else 0  # before class 0
+    last_bg = rule.background_rows - first_bg  # after the last class
+    lead = rule.group_lead + (first_bg if each else 0)  # each group's rows before its classes
+    trail = rule.group_trail + (last_bg if each else 0)  # and after them
+    group = lead + old_k * rule.block + trail  # checkpoint rows per group
+    first = rule.offset + (0 if each else first_bg)  # where group 0 starts
     rows: list[int | None] = list(range(rule.offset, first))  # a background shared by all groups
     for g in range(rule.groups):
         start = first + g * group
-        classes = start + (lead if each else 0)
-        rows.extend(range(start, classes))  # this group's own background (first)
+        classes = start + lead
+        rows.extend(range(start, classes))  # this group's own rows before its classes
         for k in range(new_k):
             old = class_map[k]
             rows.extend(
                 None if old is None else classes + old * rule.block + j for j in range(rule.block)
             )
         end = classes + old_k * rule.block
-        rows.extend(range(end, end + (trail if each else 0)))  # its own background (last)
+        rows.extend(range(end, end + trail))  # and after them
     end = first + rule.groups * group
-    rows.extend(range(end, end + (0 if each else trail)))  # a shared background (last)
+    rows.extend(range(end, end + (0 if each else last_bg)))  # a shared background (last)
     return rows
 
 

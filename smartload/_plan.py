@@ -23,6 +23,7 @@ from ._heads import HeadRule, class_map_by_names, resolve_class_map, source_rows
 from ._load_hooks import HookedKeys, module_roles, translate
 from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape, match_keys
+from ._replaced import module_notes
 from ._report import ACTIONS, HeadChange, LoadPlan, PlanEntry
 from ._tensors import Materializer
 from ._unpickler import inert_globals
@@ -338,12 +339,15 @@ def make_plan(
             f"{on_meta} model tensor(s) on the meta device: load() gives them new tensors "
             "(device=..., default cpu)"
         )
+    entries = _note_tied(model_sd, entries)
+    unused_keys = tuple(sorted(originals.get(k, k) for k in unused))
+    notes.extend(module_notes(model, entries, unused_keys, ckpt.module))
     return LoadPlan(
         checkpoint=ckpt.path,
         format=ckpt.format,
         state_dict_path=ckpt.state_dict_path,
-        entries=tuple(_note_tied(model_sd, entries)),
-        unused=tuple(sorted(originals.get(k, k) for k in unused)),
+        entries=tuple(entries),
+        unused=unused_keys,
         heads=tuple(ctx.heads.values()),
         ema=ckpt.ema,
         other_state_dicts=ckpt.others,

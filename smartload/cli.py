@@ -49,7 +49,9 @@ EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_INCOMPATIBLE, EXIT_UNKNOWN = 3, 4, 5, 6
 _COLLAPSE_AT = 60
 _MODEL_KINDS = (
     "timm:NAME, torchvision:NAME, d2:CONFIG (model zoo), a detectron2 .yaml path, "
-    "or yolo:CONFIG (an ultralytics model yaml, e.g. yolo11n.yaml)"
+    "yolo:CONFIG (an ultralytics model yaml, e.g. yolo11n.yaml), "
+    "or yolov5:CONFIG (an original YOLOv5 model yaml, e.g. yolov5s.yaml or "
+    "models/hub/yolov5s-transformer.yaml)"
 )
 
 _EPILOG = """\
@@ -62,6 +64,7 @@ examples:
   smartload diff model_final.pth --model d2:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml \\
       --num-classes 3 --class-map person,car,dog --source-classes coco_2017_train
   smartload diff yolov8n.pt --model yolo:yolov8n.yaml --num-classes 3 --class-map person,car,dog
+  smartload diff yolov5s.pt --model yolov5:models/hub/yolov5s-transformer.yaml --num-classes 3
   smartload diff a.pth b.safetensors                compare two checkpoints: keys, shapes, values
   smartload convert ckpt.pth model.safetensors      safe conversion (contiguous, metadata)
 
@@ -480,6 +483,8 @@ def _build(spec: str, num_classes: int | None) -> torch.nn.Module:
             "detect": tasks.DetectionModel, "segment": tasks.SegmentationModel,
             "pose": tasks.PoseModel, "obb": tasks.OBBModel, "classify": tasks.ClassificationModel,
         }  # fmt: skip
+        if task == "detect" and "rtdetr" in name:
+            classes["detect"] = tasks.RTDETRDetectionModel
         if task not in classes:
             raise InvalidArgumentError(
                 f"--model {spec!r}: an ultralytics {task} model is not supported"
@@ -492,6 +497,10 @@ def _build(spec: str, num_classes: int | None) -> torch.nn.Module:
         finally:
             quiet.setLevel(level)
         return yolo
+    if kind == "yolov5":
+        from .adapters.yolov5 import build_model as build_yolov5
+
+        return build_yolov5(name, num_classes)
     if kind == "d2" or spec.endswith((".yaml", ".yml")):
         from detectron2.config import get_cfg
         from detectron2.model_zoo import get_config_file

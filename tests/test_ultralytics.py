@@ -25,10 +25,13 @@ from conftest import assert_same_tensors, assert_unchanged, snapshot
 from safetensors.torch import load_file
 from ultralytics import __version__ as ultralytics_version
 from ultralytics.cfg import get_cfg
+from ultralytics.nn.modules.utils import bias_init_with_prob
 from ultralytics.nn.tasks import (
     ClassificationModel,
     DetectionModel,
+    OBBModel,
     PoseModel,
+    RTDETRDetectionModel,
     SegmentationModel,
     load_checkpoint,
 )
@@ -40,6 +43,7 @@ from ultralytics.utils.torch_utils import (
 )
 
 import smartload
+from smartload._replaced import module_notes
 
 COCO = [YAML.load(ROOT / "cfg/datasets/coco.yaml")["names"][i] for i in range(80)]
 MODELS = {
@@ -48,6 +52,9 @@ MODELS = {
     "yolo11n-pose.yaml": PoseModel, "yolo11n-cls.yaml": ClassificationModel,
     "yolov8s.yaml": DetectionModel, "yolo11s.yaml": DetectionModel,
     "yolov8n-seg.yaml": SegmentationModel, "yolo26n-seg.yaml": SegmentationModel,
+    "yolo12n.yaml": DetectionModel, "yolo12n-pose.yaml": PoseModel,
+    "yolo12n-seg.yaml": SegmentationModel, "yolo12n-obb.yaml": OBBModel,
+    "yolo11n-obb.yaml": OBBModel, "rtdetr-l.yaml": RTDETRDetectionModel,
 }  # fmt: skip
 
 
@@ -85,6 +92,26 @@ def save_like_trainer(model: Any, names: list[str], folder: Path) -> tuple[Path,
     )  # fmt: skip
     strip_optimizer(last, best)
     return last, best
+
+
+def save_best(model: Any, names: list[str], folder: Path) -> Path:
+    """``best.pt`` as ``strip_optimizer`` leaves it, written directly (no ``last.pt`` first)."""
+    model.names = dict(enumerate(names))
+    model.args = get_cfg()
+    ema = deepcopy(model).eval().half()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    best = folder / "best.pt"
+    torch.save(
+        {
+            "date": datetime.now().isoformat(), "version": ultralytics_version,
+            "license": "AGPL-3.0 (https://ultralytics.com/license)", "docs": "https://docs.ultralytics.com",
+            "epoch": -1, "model": ema, "train_args": vars(get_cfg()),
+            "train_metrics": {"fitness": 0.5}, "train_results": {},
+        },
+        best,
+    )  # fmt: skip
+    return best
 
 
 def checkpoint_weights(model: Any) -> dict[str, torch.Tensor]:
@@ -437,3 +464,121 @@ def test_rebuilt_branch_is_all_or_nothing(coco: Coco) -> None:
     target.eval()
     with torch.no_grad():
         assert target(torch.zeros(1, 3, 64, 64))[0].shape == (1, 4 + 3, 84)
+
+
+# (family, checkpoint task, model task): "" is detection
+CROSS_TASK = [
+    (family, source, target)
+    for family in ("yolo12n", "yolo11n")
+    for source, target in (("", "-pose"), ("", "-seg"), ("", "-obb"), ("-pose", ""))
+]
+TASK_BRANCHES = {"": (), "-pose": ("cv4",), "-seg": ("cv4", "proto"), "-obb": ("cv4",)}
+
+
+@pytest.fixture(scope="module")
+def pose(tmp_path_factory: pytest.TempPathFactory) -> Coco:
+    """``best.pt`` of a one-class (person) pose model, and its weights, made once per config."""
+    made: dict[str, tuple[Path, dict[str, torch.Tensor]]] = {}
+
+    def get(cfg: str) -> tuple[Path, dict[str, torch.Tensor]]:
+        if cfg not in made:
+            source = build(cfg, 1, seed=1)
+            folder = tmp_path_factory.mktemp(cfg.removesuffix(".yaml"))
+            made[cfg] = (
+                save_like_trainer(source, ["person"], folder)[1],
+                checkpoint_weights(source),
+            )
+        return made[cfg]
+
+    return get
+
+
+@pytest.mark.parametrize(("family", "source", "target"), CROSS_TASK)
+def test_across_tasks_the_shared_branches_are_copied(
+    family: str, source: str, target: str, coco: Coco, pose: Coco
+) -> None:
+    """A detection checkpoint into a pose, segmentation or OBB model, and a pose checkpoint into
+    a detection model (YOLO12 and YOLO11): backbone, neck and box branch copied exactly, the
+    task's own branches (keypoints, mask coefficients and proto, angle) keep their
+    initialisation (or go unused), class rows by name."""
+    best, saved = (pose if source else coco)(f"{family}{source}.yaml")
+    names = ["person"] if target == "-pose" else ["car", "person", "unicorn"]
+    model = build(f"{family}{target}.yaml", len(names), seed=2)
+    before = snapshot(model)
+    head = f"model.{len(model.model) - 1}"
+
+    report = smartload.load(model, best, target_classes=names)
+
+    got = model.state_dict()
+    own = {k for k in got if any(k.startswith(f"{head}.{b}.") for b in TASK_BRANCHES[target])}
+    theirs = {k for k in saved if any(k.startswith(f"{head}.{b}.") for b in TASK_BRANCHES[source])}
+    assert own or theirs
+    for e in report.entries:
+        if e.key in own:  # the model's task branch: not in the checkpoint
+            assert (e.action, e.reason) == ("skip", "missing"), e.key
+            assert torch.equal(got[e.key], before[e.key]), e.key
+        elif e.head is None:  # everything else, the box branch included, bit-exact
+            assert e.action == "copy" and torch.equal(got[e.key], saved[e.key]), e.key
+    assert set(report.unused) == theirs
+    assert any(k.startswith(f"{head}.cv2.") for k in got)  # the box branch was among the copies
+    old = {"person": 0, "car": 2} if not source else {"person": 0}
+    kept = {i: old[n] for i, n in enumerate(names) if n in old}
+    assert {h.class_map for h in report.heads} == {tuple(old.get(n) for n in names)}
+    for h in report.heads:
+        weight = got[f"{h.name}.weight"]
+        for new, was in kept.items():
+            assert torch.equal(weight[new], saved[f"{h.name}.weight"][was]), h.name
+    assert report.summary["slice"] == 2 * len(report.heads) == 6
+    tree = smartload.inspect(best).module_tree
+    notes = module_notes(model, report.entries, report.unused, tree)
+    if own:  # one line for the task's branches (keypoints; mask coefficients and proto; angle)
+        branches = [
+            f"{head}.{b} ({type(getattr(model.model[-1], b)).__name__}, "
+            for b in TASK_BRANCHES[target]
+        ]
+        assert len(notes) == 1 and "not in the checkpoint" in notes[0], notes
+        assert all(b in notes[0] for b in branches), notes
+    else:
+        assert notes == [
+            f"the checkpoint's {head}.cv4 (ModuleList of 3 Sequential, 42 tensors) has no place "
+            "in the model: unused"
+        ]
+
+
+def test_rtdetr_class_heads_follow_the_names(tmp_path: Path) -> None:
+    """RT-DETR (rtdetr-l): the encoder's and every decoder layer's score head and the denoising
+    class embedding hold one row per class, no background; ``target_classes`` alone is
+    enough; new score rows start at RT-DETR's focal prior bias, as the model's own init."""
+    source = build("rtdetr-l.yaml", 80, seed=1)
+    best = save_best(source, COCO, tmp_path)
+    saved = checkpoint_weights(source)
+    target = build("rtdetr-l.yaml", 3, seed=2)
+    before = snapshot(target)
+
+    report = smartload.load(target, best, target_classes=NEW)
+
+    heads = ["denoising_class_embed", "enc_score_head", *(f"dec_score_head.{i}" for i in range(6))]
+    assert [(h.name, h.old_classes, h.new_classes, h.class_map) for h in report.heads] == [
+        (f"model.28.{name}", 80, 3, (0, 2, None)) for name in heads
+    ]
+    counts = {k: v for k, v in report.summary.items() if not k.endswith("_params")}
+    assert counts == {"copy": 926, "slice": 15, "reinit-normal": 0, "skip": 0, "unused": 0}
+    got = target.state_dict()
+    for e in report.entries:
+        if e.action == "copy":
+            assert torch.equal(got[e.key], saved[e.key]), e.key
+    prior = bias_init_with_prob(0.01) / 80 * 3  # RTDETRDecoder._reset_parameters
+    for name in heads:
+        key = f"model.28.{name}"
+        weight = got[f"{key}.weight"]
+        assert torch.equal(weight[:2], saved[f"{key}.weight"][[0, 2]]), key
+        assert not torch.equal(weight[2], before[f"{key}.weight"][2]), key  # drawn anew
+        if name != "denoising_class_embed":
+            assert torch.equal(got[f"{key}.bias"][:2], saved[f"{key}.bias"][[0, 2]]), key
+            assert got[f"{key}.bias"][2].item() == pytest.approx(prior, rel=1e-6), key
+            assert torch.equal(got[f"{key}.bias"][2], before[f"{key}.bias"][2]), key
+    with torch.no_grad():  # new embedding rows are drawn as nn.Embedding draws them: N(0, 1)
+        assert 0.8 < float(got["model.28.denoising_class_embed.weight"][2].std()) < 1.2
+
+    with pytest.raises(smartload.IncompatibleCheckpointError, match="model's head has 3 classes"):
+        smartload.load(target, best, num_classes=4)

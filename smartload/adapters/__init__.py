@@ -132,6 +132,12 @@ def _is_ultralytics(model: torch.nn.Module) -> bool:
     return type(model).__module__.startswith("ultralytics.")
 
 
+def _is_yolov5(model: torch.nn.Module) -> bool:
+    from .yolov5 import is_yolov5  # imports no yolov5
+
+    return is_yolov5(model)
+
+
 # (test on the model, module, class): framework adapters register here; checked in order. The
 # tests must not import the framework: the adapter module does, when it is chosen.
 _REGISTRY: list[tuple[Callable[[torch.nn.Module], bool], str, str]] = [
@@ -139,6 +145,7 @@ _REGISTRY: list[tuple[Callable[[torch.nn.Module], bool], str, str]] = [
     (_is_detectron2, "smartload.adapters.detectron2", "Detectron2Adapter"),
     (_is_torchvision_detection, "smartload.adapters.torchvision", "TorchvisionDetectionAdapter"),
     (_is_ultralytics, "smartload.adapters.ultralytics", "UltralyticsAdapter"),
+    (_is_yolov5, "smartload.adapters.yolov5", "Yolov5Adapter"),
 ]
 
 

@@ -1,5 +1,5 @@
-"""Ultralytics YOLO models: Detect heads (YOLOv5u, v8, 11, 26) and their Segment, Pose and OBB
-subclasses, and the Classify head.
+"""Ultralytics YOLO models: Detect heads (YOLOv5u, v8, 11, 12, 26) and their Segment, Pose and OBB
+subclasses, the Classify head, and RT-DETR's decoder.
 
 A Detect head predicts classes in its ``cv3`` branch: one ``Sequential`` per feature level whose last
 ``Conv2d`` has one output channel per class (``model.22.cv3.0.2``); end-to-end heads (YOLOv10,
@@ -17,6 +17,17 @@ loading).
 
 The first conv (``model.0.conv``) of a model built for other input channels is adapted as
 ultralytics' own load adapts it: RGB filters summed for one channel, else the channels both have.
+
+Across tasks (a detection checkpoint into a pose, segmentation or OBB model, or back) the heads
+share their box (``cv2``) and class (``cv3``) branches; the task's own branches (``cv4``: keypoints,
+mask coefficients or angle; ``proto``) are missing on one side and keep the model's
+initialisation (or go unused).
+
+RT-DETR (``RTDETRDecoder``) scores classes with sigmoid focal heads, no background row: the
+encoder's ``enc_score_head``, each decoder layer's ``dec_score_head.{i}`` (Linear, new rows with a
+default Linear's spread and the bias ``_reset_parameters`` gives, ``bias_init_with_prob(0.01) /
+80 * nc``) and the denoising queries' ``denoising_class_embed`` (an Embedding, one row per class,
+new rows ``normal(0, 1)`` as ``nn.Embedding`` starts them).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ __all__ = ["UltralyticsAdapter"]
 
 _BRANCHES = ("cv3", "one2one_cv3")
 _RESIZED = "class branch resized with the class count"
+_RTDETR_PRIOR = 0.01  # RTDETRDecoder: bias_init_with_prob(0.01)
 
 
 class UltralyticsAdapter(Adapter):
@@ -225,7 +237,7 @@ def _head(model: torch.nn.Module) -> tuple[str, Any] | None:
     prefix, layers = found
     head = layers[-1]
     if hasattr(head, "linear") or (
-        hasattr(head, "nc") and _has_any(head, "cv3", "one2one_cv3", "classifier")
+        hasattr(head, "nc") and _has_any(head, "cv3", "one2one_cv3", "classifier", "dec_score_head")
     ):
         return f"{prefix}.{len(layers) - 1}", head
     return None
@@ -239,13 +251,15 @@ def _class_convs(model: torch.nn.Module) -> list[tuple[str, Any, float]]:
     """(key prefix, module, bias of a new row) of each layer with one row per class: the
     Classify ``linear``, each class branch's last conv (bias as ``Detect.bias_init``), YOLO26
     segmentation's semantic branch (``proto.semseg``) and a SemanticSegment head's
-    ``classifier`` and ``aux_head`` (bias 0)."""
+    ``classifier`` and ``aux_head`` (bias 0); RT-DETR's score heads and class embedding."""
     found = _head(model)
     if found is None:
         return []
     prefix, head = found
     if hasattr(head, "linear"):  # Classify
         return [(f"{prefix}.linear", head.linear, 0.0)]
+    if hasattr(head, "dec_score_head"):  # RTDETRDecoder
+        return _rtdetr_class_layers(prefix, head)
     convs = [
         (f"{prefix}.{branch}.{level}.{len(seq) - 1}", seq[-1], _bias_init(head, level))
         for branch, level, seq in _class_branches(head)
@@ -255,6 +269,28 @@ def _class_convs(model: torch.nn.Module) -> list[tuple[str, Any, float]]:
         if seq is not None and getattr(seq[-1], "out_channels", None) == int(head.nc):
             convs.append((f"{prefix}.{path}.{len(seq) - 1}", seq[-1], 0.0))
     return convs
+
+
+def _rtdetr_class_layers(prefix: str, head: Any) -> list[tuple[str, Any, float]]:
+    """RT-DETR's layers with one row per class; new score rows start at the bias
+    ``RTDETRDecoder._reset_parameters`` gives (``bias_init_with_prob(0.01) / 80 * nc``)."""
+    nc = int(head.nc)
+    prior = -math.log((1 - _RTDETR_PRIOR) / _RTDETR_PRIOR) / 80 * nc
+    layers = [(f"{prefix}.enc_score_head", head.enc_score_head, prior)]
+    layers += [
+        (f"{prefix}.dec_score_head.{i}", lin, prior) for i, lin in enumerate(head.dec_score_head)
+    ]
+    embed = getattr(head, "denoising_class_embed", None)
+    if embed is not None and int(embed.num_embeddings) == nc:
+        layers.append((f"{prefix}.denoising_class_embed", embed, 0.0))
+    return [(name, layer, bias) for name, layer, bias in layers if _rows(layer) == nc]
+
+
+def _rows(layer: Any) -> int | None:
+    for size in ("out_features", "out_channels", "num_embeddings"):
+        if hasattr(layer, size):
+            return int(getattr(layer, size))
+    return None
 
 
 def _attribute(module: Any, path: str) -> Any:
@@ -286,7 +322,9 @@ def _bias_init(head: Any, level: int) -> float:
 
 def _rule(name: str, layer: Any, bias: float) -> HeadRule:
     """A head whose new rows have the spread of a default Conv2d/Linear init,
-    uniform(±1/sqrt(fan_in)), and the given bias."""
+    uniform(±1/sqrt(fan_in)), and the given bias; an Embedding's, normal(0, 1)."""
+    if hasattr(layer, "num_embeddings"):
+        return HeadRule(name=name, keys=(f"{name}.weight",), std=1.0)
     if hasattr(layer, "in_features"):
         fan_in = int(layer.in_features)
     else:
