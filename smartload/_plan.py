@@ -561,23 +561,29 @@ def _decide(
         return None
     description = f"head {rule.name}: {old_k} → {new_k} classes"
     class_map = ctx.class_map if rule.label_space == "classes" else None
-    # Same classes in another layout (a background row to drop): keep them all, by position.
-    if action is None and class_map is None and old_k != new_k:
+    fresh_classes = action is None and class_map is None and old_k != new_k
+    classless = rule.group_lead + rule.group_trail  # rows of no class in each group: kept
+    if fresh_classes and not classless:
         _record_head(ctx, rule, key, old_k, new_k, None)
         return PlanEntry(
             action="reinit-normal", reason=f"{description}, no class map", dim=dim, **base
         )
-    mapping = resolve_class_map(
-        class_map, new_k, old_k, source_classes=ctx.source_classes, head=rule.name
-    )
+    if fresh_classes:  # the class rows are new, the rest of each group (YOLOv5's boxes) kept
+        mapping: list[int | None] = [None] * new_k
+        how = "(no class map: the class rows are new)"
+    else:
+        # Same classes in another layout (a background row to drop): keep them all, by position.
+        mapping = resolve_class_map(
+            class_map, new_k, old_k, source_classes=ctx.source_classes, head=rule.name
+        )
+        how = (
+            f"by {by_policy}"
+            if by_policy
+            else ("by class map" if class_map is not None else "by position")
+        )
     rows = source_rows(rule, old_k, new_k, mapping)
     kept = sum(r is not None for r in rows)
-    _record_head(ctx, rule, key, old_k, new_k, tuple(mapping))
-    how = (
-        f"by {by_policy}"
-        if by_policy
-        else ("by class map" if class_map is not None else "by position")
-    )
+    _record_head(ctx, rule, key, old_k, new_k, None if fresh_classes else tuple(mapping))
     return PlanEntry(
         action="slice",
         reason=f"{description}, {kept} of {len(rows)} rows kept {how}",

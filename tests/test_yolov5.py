@@ -160,6 +160,35 @@ def test_yolov5s_into_the_transformer_model_with_3_classes(
         assert target(torch.zeros(1, 3, 64, 64))[0].shape == (1, 3 * (8 * 8 + 4 * 4 + 2 * 2), 8)
 
 
+def test_without_a_class_map_the_boxes_are_kept_and_the_class_rows_are_new(
+    yolov5s: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    """No class names for the new classes: per anchor, the box and objectness rows still come
+    from the checkpoint (the same anchors, the same strides); only the class rows start fresh,
+    as yolov5 starts them."""
+    best, saved = yolov5s
+    target = build("yolov5s.yaml", 3, seed=2)
+
+    report = smartload.load(target, best, num_classes=3)
+
+    assert report.summary["slice"] == 6 and report.summary["reinit-normal"] == 0
+    assert [(h.name, h.class_map) for h in report.heads] == [
+        (f"model.24.m.{i}", None) for i in range(3)
+    ]
+    got = target.state_dict()
+    for i in range(3):
+        for part in ("weight", "bias"):
+            key = f"model.24.m.{i}.{part}"
+            assert_anchor_blocks(got[key], saved[key], {}, 80, 3)
+        bias = got[f"model.24.m.{i}.bias"].view(3, 8)
+        assert bias[:, 5:].flatten().tolist() == pytest.approx([new_class_bias(3)] * 9)
+        entry = next(e for e in report.entries if e.key == f"model.24.m.{i}.bias")
+        assert entry.reason == (
+            f"head model.24.m.{i}: 80 → 3 classes, 15 of 24 rows kept "
+            "(no class map: the class rows are new)"
+        )
+
+
 def test_the_replaced_module_is_said_in_one_line(
     yolov5s: tuple[Path, dict[str, torch.Tensor]],
 ) -> None:
