@@ -13,8 +13,9 @@ a hostile one (``os.system``) as :class:`UnsafeCheckpointError`, any other as
 key to its path: ``"model.fc.weight"`` → ``("model", "fc.weight")``). Tensors become
 :class:`ChunkedRecord` s whose chunks must tile them exactly; the other values (BYTE_IO items:
 ``epoch``, optimizer ``param_groups`` ...) become :class:`BytesItem` s: pickles that ``dcp.load``
-would run, never read here (so a hostile one goes unnoticed, and unrun). What the metadata makes
-smartload do besides unpickling it is priced by its size (:class:`_Work`).
+would run, never unpickled here, but pre-scanned for the globals they name (``_dcp_items.py``):
+a hostile one refuses the directory, unknown ones make it UNKNOWN, as in any file. What the
+metadata makes smartload do besides unpickling it is priced by its size (:class:`_Work`).
 
 Where a chunk's bytes lie (:func:`chunk_source`):
 
@@ -41,6 +42,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple, NoReturn, TypeGuard
 
+from ._dcp_items import BytesItem, ItemRef, UnscannedItem, scan_items
 from ._formats import (
     _SAFETENSORS_MAX_HEADER,
     DCP_METADATA,
@@ -67,7 +69,15 @@ from ._records import (
 from ._unpickler import hostile_names, unpickle, walk_names
 from .errors import CheckpointFormatError, UnsafeCheckpointError
 
-__all__ = ["METADATA", "BytesItem", "UnknownGlobalsError", "chunk_source", "read_dcp"]
+__all__ = [
+    "METADATA",
+    "BytesItem",
+    "UnknownGlobalsError",
+    "UnscannedItem",
+    "chunk_source",
+    "read_dcp",
+    "unscanned_items",
+]
 
 METADATA = DCP_METADATA
 _MAX_METADATA = 1 << 30  # bytes of .metadata read at most (a 1,000-rank save has a few MB)
@@ -90,16 +100,6 @@ class UnknownGlobalsError(CheckpointFormatError):
             "smartload reads .metadata files written by torch.distributed.checkpoint.save; "
             "dcp.load would import these names, so load it that way only if you trust it",
         )
-
-
-class BytesItem(str):
-    """A non-tensor value of a DCP save (a BYTE_IO item: ``epoch``, optimizer ``param_groups``
-    ...): a pickle that smartload never reads. It shows as its description, unquoted."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return str.__str__(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,10 +384,26 @@ def read_dcp(directory: str, allow: frozenset[str] = frozenset()) -> RawCheckpoi
     except OSError as exc:
         raise CheckpointFormatError(path, f"cannot read: {exc.strerror}") from None
     metadata, globals_ = _load_metadata(path, data, allow)
-    reader = _Directory(directory, _Work(directory, len(data)))
+    reader = _Directory(directory, _Work(directory, len(data)), allow)
     tree, version = reader.tree(metadata)
     info = {"dcp_version": version} if version is not None else {}
+    globals_.extend(g for g in reader.item_globals if g not in globals_)
     return RawCheckpoint(directory, "dcp", tree, {}, globals_, info)
+
+
+def unscanned_items(tree: Any) -> list[str]:
+    """The keys (dotted paths) of the bytes items of a DCP tree whose pickles were not walked
+    to their end: what they name is unknown."""
+    out: list[str] = []
+    todo: list[tuple[Any, tuple[str, ...]]] = [(tree, ())]
+    while todo:
+        node, path = todo.pop()
+        for key, value in node.items():
+            if type(value) is dict:
+                todo.append((value, (*path, str(key))))
+            elif isinstance(value, UnscannedItem):
+                out.append(".".join((*path, str(key))))
+    return sorted(out)
 
 
 class _Work:
@@ -431,10 +447,12 @@ class _Blob(NamedTuple):
 class _Directory:
     """Builds the tree of one DCP directory from its metadata, checking it against the files."""
 
-    def __init__(self, directory: str, work: _Work) -> None:
+    def __init__(self, directory: str, work: _Work, allow: frozenset[str]) -> None:
         self.directory = directory
         self.real = _realpath(directory)
         self.work = work
+        self.allow = allow
+        self.item_globals: list[str] = []  # what the bytes items' pickles name
         self.files: dict[str, tuple[str, int]] = {}  # relative path → (real path, size)
         self.blobs: dict[tuple[str, int], _Blob] = {}
 
@@ -449,19 +467,18 @@ class _Directory:
         if type(items) is not dict:
             self.fail(".metadata without its state_dict_metadata")
         index = self._index(state.get("storage_data"))
+        values: dict[str, Any] = self._bytes_items(items, index)
         tree: dict[Any, Any] = {}
         for fqn, item in items.items():
             if type(fqn) is not str:
                 self.fail(f"a state dict key {brief(fqn)} that is not a str")
             if type(item) is _TensorStorage:
-                value: Any = self._tensor(fqn, item, index)
-            elif type(item) is _BytesStorage:
-                value = self._bytes(fqn, index)
-            else:
+                values[fqn] = self._tensor(fqn, item, index)
+            elif type(item) is not _BytesStorage:
                 self.fail(
                     f"key {_key(fqn)}: {brief(item)} where DCP writes tensor or bytes metadata"
                 )
-            self._place(tree, self._path(fqn, planner), value, fqn)
+            self._place(tree, self._path(fqn, planner), values[fqn], fqn)
         version = state.get("version")
         return tree, version if type(version) is str else None
 
@@ -576,12 +593,27 @@ class _Directory:
             self.fail(f"{what}: an item of {length:,} bytes cannot hold its {nbytes:,}")
         return Chunk(offsets, sizes, file, offset, length)
 
-    def _bytes(self, fqn: str, index: dict[tuple[str, Any], dict[str, Any]]) -> BytesItem:
-        info = index.get((fqn, None))
-        if info is None:
-            self.fail(f"bytes item {_key(fqn)}: no storage entry")
-        _, _, length = self._item(f"bytes item {_key(fqn)}", info)
-        return BytesItem(f"bytes item ({length:,} bytes, not read)")
+    def _bytes_items(
+        self, items: dict[Any, Any], index: dict[tuple[str, Any], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The bytes items' descriptions, before anything else is checked: a hostile pickle in
+        one is reported whatever else is wrong with the directory (``_dcp_items.py``)."""
+        refs: list[ItemRef] = []
+        problem: CheckpointFormatError | None = None  # the first, raised once all are scanned
+        for fqn, item in items.items():
+            if type(fqn) is not str or type(item) is not _BytesStorage:
+                continue
+            try:
+                info = index.get((fqn, None))
+                if info is None:
+                    self.fail(f"bytes item {_key(fqn)}: no storage entry")
+                file, offset, length = self._item(f"bytes item {_key(fqn)}", info)
+            except CheckpointFormatError as exc:
+                problem = problem or exc
+                continue
+            refs.append(ItemRef(fqn, info["relative_path"], file, offset, length))
+        described, self.item_globals = scan_items(self.directory, refs, self.allow, problem)
+        return dict(described)
 
     def _item(self, what: str, info: dict[str, Any]) -> tuple[str, int, int]:
         """The real path, offset and length of an item, checked against its file."""

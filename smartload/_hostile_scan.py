@@ -16,13 +16,13 @@ import mmap
 import os
 import stat
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._records import Refused
 from ._unpickler import hostile_names, walk_names
 from .errors import CheckpointFormatError, UnsafeCheckpointError
 
-__all__ = ["refuse_if_hostile"]
+__all__ = ["Walked", "importable", "named_in", "refuse_if_hostile", "stacked_names"]
 
 _ZIP_LOCAL = b"PK\x03\x04"
 _NPY = b"\x93NUMPY"
@@ -38,7 +38,7 @@ def refuse_if_hostile(path: str, refused: CheckpointFormatError, allowed: frozen
     path = next(
         (p for p in (path, refused.path, refused.path.rpartition(":")[0]) if _is_file(p)), ""
     )
-    named = [n for n in _named_in_file(path) if _importable(*n)] if path else []
+    named = [n for n in _named_in_file(path) if importable(*n)] if path else []
     found = hostile_names(named, allowed)
     if found:
         detail = "; ".join(f"{name}: {reason}" for name, reason in found)
@@ -54,7 +54,9 @@ def _is_file(path: str) -> bool:
         return False
 
 
-def _importable(module: str, name: str) -> bool:
+def importable(module: str, name: str) -> bool:
+    """Whether ``module.name`` is a name Python could import (text that merely looks like a
+    GLOBAL opcode's is not)."""
     return all(part.isidentifier() for part in f"{module}.{name}".split("."))
 
 
@@ -63,32 +65,53 @@ def _named_in_file(path: str) -> list[tuple[str, str]]:
     named: list[tuple[str, str]] = []
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            _stacked_pickles(data, _npy_body(data, 0), named)
-            members = _zip_members(data)
-            if any(n.endswith(b"constants.pkl") or b"/code/" in n for n, _, _ in members):
-                return named  # TorchScript
-            budget = 4 * len(data) + 2**20
-            for _, start, end in members:
-                if start == end:
-                    continue
-                if budget < end - start:
-                    break
-                budget -= end - start
-                region = data[start:end]
-                _stacked_pickles(region, _npy_body(region, 0), named)
+            named_in(data, named)
     except (OSError, ValueError):  # a directory, an empty file, a FIFO ...
         pass
     return named
 
 
-def _stacked_pickles(data: Any, start: int, named: list[tuple[str, str]]) -> None:
+class Walked(NamedTuple):
+    """What :func:`named_in` found besides the names."""
+
+    torchscript: bool  # a TorchScript archive: its members were not walked
+    stopped: str | None  # why a walk stopped before a pickle's end (the names after it unseen)
+
+
+def named_in(data: Any, named: list[tuple[str, str]], start: int = 0) -> Walked:
+    """Append to ``named`` the ``(module, name)`` of every global the pickles in ``data[start:]``
+    (a file's bytes, or an mmap) may name: stacked from ``start``, and in each zip member found
+    by its local header, within a budget of a few times its size. Nothing is decompressed."""
+    stopped = stacked_names(data, _npy_body(data, start), named)
+    members = _zip_members(data, start)
+    if any(n.endswith(b"constants.pkl") or b"/code/" in n for n, _, _ in members):
+        return Walked(True, stopped)
+    budget = 4 * (len(data) - start) + 2**20
+    for _, start, end in members:
+        if start == end:
+            continue
+        if budget < end - start:
+            return Walked(False, stopped or "zip members larger than the scan allows")
+        budget -= end - start
+        region = data[start:end]
+        stopped = stacked_names(region, _npy_body(region, 0), named) or stopped
+    return Walked(False, stopped)
+
+
+def stacked_names(data: Any, start: int, named: list[tuple[str, str]]) -> str | None:
     """Walk the pickles one after another from ``start`` (torch's legacy format stacks four; a
-    payload may follow the first), until one cannot be walked."""
+    payload may follow the first), until one cannot be walked. Returns why the walk was refused
+    where the pickle machine could go on (tuples nested too deep, memo indices far ahead ...:
+    the names after that are unseen), or None when the pickles end, or bytes follow that are
+    no pickle (where ``pickle.load`` stops too)."""
     while start < len(data):
         try:
             start = walk_names(data, start, named)
-        except (Refused, ValueError):  # the names before the problem are in `named`
-            return
+        except Refused as exc:  # the names before the problem are in `named`
+            return str(exc)
+        except ValueError:
+            return None
+    return None
 
 
 def _npy_body(data: Any, start: int) -> int:
@@ -100,13 +123,13 @@ def _npy_body(data: Any, start: int) -> int:
     return start + 12 + int(struct.unpack_from("<I", data, start + 8)[0])
 
 
-def _zip_members(data: Any) -> list[tuple[bytes, int, int]]:
+def _zip_members(data: Any, start: int = 0) -> list[tuple[bytes, int, int]]:
     """``(name, start, end)`` of each zip member, from every local header in the file (a
     central directory may hide some), whatever its flags say; a member whose header gives no
     size ends where the next header begins. ``end == start`` for those not to walk: compressed
     ones (never inflated) and those that cannot begin a pickle."""
     members: list[tuple[bytes, int, int]] = []
-    at = data.find(_ZIP_LOCAL)
+    at = data.find(_ZIP_LOCAL, start)
     while at >= 0 and at + 30 <= len(data) and len(members) < _MAX_MEMBERS:
         method, _, _, _, size, _, name_len, extra_len = struct.unpack_from(
             "<HHHIIIHH", data, at + 8

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ._dcp import unscanned_items
 from ._formats import read
 from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape
@@ -74,6 +75,8 @@ class CheckpointInfo:
     globals: tuple[str, ...] = ()
     inert_globals: tuple[str, ...] = ()
     unknown_globals: tuple[str, ...] = ()  # inert globals not known to be data
+    # DCP bytes items whose pickles were not walked to their end: what they name is unknown
+    unscanned_items: tuple[str, ...] = ()
     metadata: Mapping[str, str] = field(default_factory=dict)
     heads: tuple[HeadGuess, ...] = ()
     shared_storages: int = 0  # storages that more than one tensor views
@@ -81,19 +84,29 @@ class CheckpointInfo:
 
     @property
     def verdict(self) -> Verdict:
-        return "UNKNOWN" if self.unknown_globals else "SAFE"
+        return "UNKNOWN" if self.unknown_globals or self.unscanned_items else "SAFE"
 
     @property
     def verdict_reason(self) -> str:
         """The verdict in words, naming what an UNKNOWN file names."""
-        if not self.unknown_globals:
+        if self.verdict == "SAFE":
             return "every global the file names is known to be data; nothing in it can run"
-        n = len(self.unknown_globals)
-        shown = ", ".join(self.unknown_globals[:8]) + (f", ... {n - 8} more" if n > 8 else "")
-        return (
-            f"names {n} global{'s' if n > 1 else ''} smartload does not know ({shown}); "
-            "nothing was run; `torch.load` without weights_only would import them"
-        )
+        reasons = []
+        if self.unknown_globals:
+            n = len(self.unknown_globals)
+            shown = ", ".join(self.unknown_globals[:8]) + (f", ... {n - 8} more" if n > 8 else "")
+            reasons.append(
+                f"names {n} global{'s' if n > 1 else ''} smartload does not know ({shown}); "
+                "nothing was run; `torch.load` without weights_only would import them"
+            )
+        if self.unscanned_items:
+            n = len(self.unscanned_items)
+            shown = ", ".join(self.unscanned_items[:8]) + (f", ... {n - 8} more" if n > 8 else "")
+            reasons.append(
+                f"{n} bytes item{'s' if n > 1 else ''} not scanned to the end ({shown}): what "
+                "they name is unknown; nothing was run; dcp.load would unpickle them"
+            )
+        return "; ".join(reasons)
 
     @property
     def num_tensors(self) -> int:
@@ -145,6 +158,7 @@ class CheckpointInfo:
         }
         if self.format == "dcp":
             out["num_chunks"] = self.num_chunks
+            out["unscanned_items"] = list(self.unscanned_items)
         return out
 
     def _tensor_dict(self, t: TensorInfo) -> dict[str, Any]:
@@ -200,6 +214,7 @@ def inspect(
         # a DCP .metadata names its own allowlist only: each a builder, none an inert stand-in
         inert_globals=() if raw.format == "dcp" else tuple(inert_globals(raw.globals)),
         unknown_globals=tuple(unknown_globals(raw.globals)),
+        unscanned_items=tuple(unscanned_items(raw.tree)) if raw.format == "dcp" else (),
         metadata=raw.metadata,
         heads=tuple(_guess_heads(tensors)),
         shared_storages=sum(1 for n in storages.values() if n > 1),

@@ -26,10 +26,13 @@ __all__ = [
 ]
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
-# Containers that hold optimizer or scheduler state, never model weights.
+# Containers of training state, never model weights: never searched for a state dict. torchtitan
+# saves its model keys at the top level next to "optimizer", "lr_scheduler", "dataloader" and
+# "train_state" (whose own tensors, a step counter or the optimizer's moments, are not weights).
 _NOT_WEIGHTS = frozenset(
     """optimizer optimizers optimizer_states optimizer_state_dict opt optim lr_scheduler
-    lr_schedulers scheduler schedulers scaler grad_scaler amp loops callbacks""".split()
+    lr_schedulers scheduler schedulers scaler grad_scaler amp loops callbacks dataloader
+    dataloaders data_loader train_state trainer_state rng rng_state rng_states""".split()
 )
 _MAX_DEPTH = 4
 
@@ -70,12 +73,18 @@ def find_state_dicts(tree: Any, where: str) -> list[Found]:
     """Every mapping of str → tensor in the tree (outside optimizer state), with its path, and
     the state dict of every pickled ``nn.Module`` (``torch.save(model)``, YOLO ``.pt`` files).
 
+    A mapping whose tensors sit next to other entries (torchtitan's top level: the model's keys
+    beside ``optimizer``, ``lr_scheduler``, ``dataloader``, ``train_state``) gives its tensors
+    when nothing under it is a state dict and each other entry is training state or holds no
+    tensor (see :func:`_tensors_beside_state`).
+
     A pickled module that cannot be extracted is listed with ``refused`` (a smartload error
     naming ``where``, the file): it is raised only if the weights would be taken from it.
     """
     found: list[Found] = []
     seen: set[int] = set()  # a pickle can share one dict many times (or contain itself)
     budget = Budget()  # one for every module tree in the file
+    describe = Describer()  # counts the tensors under each container once
 
     def walk(node: Any, path: tuple[str, ...]) -> None:
         if id(node) in seen:
@@ -96,14 +105,34 @@ def find_state_dicts(tree: Any, where: str) -> list[Found]:
         if all(isinstance(k, str) for k in node) and all(is_leaf(v) for v in node.values()):
             found.append(Found(path, node, None))
             return
-        if len(path) >= _MAX_DEPTH:
-            return
-        for key, value in node.items():
-            if isinstance(key, str) and key not in _NOT_WEIGHTS:
-                walk(value, (*path, key))
+        below = len(found)
+        if len(path) < _MAX_DEPTH:
+            for key, value in node.items():
+                if isinstance(key, str) and key not in _NOT_WEIGHTS:
+                    walk(value, (*path, key))
+        if len(found) == below:  # the weights are not further down: maybe here, beside the rest
+            tensors = _tensors_beside_state(node, describe)
+            if tensors:
+                found.append(Found(path, tensors, None))
 
     walk(tree, ())
     return found
+
+
+def _tensors_beside_state(node: Mapping[Any, Any], describe: Describer) -> dict[str, Any]:
+    """The str-keyed tensors of ``node`` if every other entry is training state (a key of
+    :data:`_NOT_WEIGHTS`) or holds no tensor at all (``epoch``, ``args``, a DCP bytes item);
+    else none. Never the tensors beside a container of other tensors: which would be the
+    weights is then a guess. The others are looked into only when there are tensors."""
+    tensors = {k: v for k, v in node.items() if isinstance(k, str) and is_leaf(v)}
+    if not tensors:
+        return {}
+    for key, value in node.items():
+        if key in tensors or (isinstance(key, str) and key in _NOT_WEIGHTS):
+            continue
+        if is_leaf(value) or is_module(value) or describe.count_leaves(value):
+            return {}
+    return tensors
 
 
 def _tree_error(exc: ModuleTreeError, where: str, path: tuple[str, ...]) -> Exception:

@@ -4,7 +4,9 @@ when hostile, unknown, inconsistent or escaping; non-tensor items never read."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 import smartload
 from smartload import CheckpointFormatError, UnsafeCheckpointError
@@ -199,7 +203,7 @@ def test_model_optimizer_and_epoch_nest_like_a_torch_file(tmp_path: Path) -> Non
     }
     assert info.extras == {
         "optim": "dict with 2 entries, 18 tensors",
-        "epoch": f"bytes item ({epoch:,} bytes, not read)",
+        "epoch": f"bytes item ({epoch:,} bytes, never unpickled)",
     }
     assert set(info.globals) == _DCP_GLOBALS
     assert (info.unknown_globals, info.inert_globals) == ((), ())
@@ -531,8 +535,9 @@ def test_an_item_that_disagrees_with_the_metadata_is_refused_when_read(chunked: 
     )
 
 
-def test_bytes_items_are_never_read(tmp_path: Path) -> None:
-    """Garbage in every BYTE_IO item (epoch, param_groups): inspect and load are unaffected."""
+def test_garbage_bytes_items_name_nothing_and_leave_loading_alone(tmp_path: Path) -> None:
+    """Garbage in every BYTE_IO item (epoch, param_groups): no pickle, so no global (torch.load
+    would fail before running anything); inspect says SAFE and load is unaffected."""
     model = make_net(10, seed=1)
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
     state = {"model": model.state_dict(), "optim": optim.state_dict(), "epoch": 3}
@@ -549,7 +554,8 @@ def test_bytes_items_are_never_read(tmp_path: Path) -> None:
             f.seek(info.offset)
             f.write(b"\xff" * info.length)
     info = smartload.inspect(path)
-    assert info.extras["epoch"] == f"bytes item ({items[-1].length:,} bytes, not read)"
+    assert info.extras["epoch"] == f"bytes item ({items[-1].length:,} bytes, never unpickled)"
+    assert (info.verdict, info.unscanned_items) == ("SAFE", ())
     target = make_net(10, seed=2)
     smartload.load(target, path)
     assert_same_tensors(target.state_dict(), state["model"])
@@ -625,3 +631,316 @@ def test_the_hf_storage_writer_directory_reads_as_its_index(tmp_path: Path) -> N
     report = smartload.load(model, tmp_path / "hf")
     assert report.to_dict()["format"] == "safetensors-sharded"
     assert_same_tensors(model.state_dict(), sd)
+
+
+# --------------------------------------------------------------------------------------------------
+# torchtitan's layout: the model's keys at the top level, beside the training state
+
+
+def _titan_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A model's state dict, and torchtitan's save of it: the model's keys flattened into the
+    top level next to an AdamW state keyed by FQN (its moments are tensors), an LR scheduler, a
+    dataloader's pickled state and the trainer's step."""
+    model = make_net(10, seed=1)
+    optim = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LinearLR(optim)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optim.step()
+    scheduler.step()
+    sd = model.state_dict()
+    state = {
+        **sd,
+        "optimizer": get_optimizer_state_dict(model, optim),
+        "lr_scheduler": scheduler.state_dict(),
+        "dataloader": {"world_size": 1, "dp_rank_0": pickle.dumps({"samples_yielded": 16})},
+        "train_state": {"step": 7, "ntokens_seen": 1024},
+    }
+    return sd, state
+
+
+@pytest.mark.parametrize("saved", ["dcp", "torch file"])
+def test_torchtitan_layout_takes_the_top_level_tensors(
+    saved: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The state dict is the top level's tensors (path []), exactly the model's: the optimizer's
+    moments nested under "optimizer" are not taken; the training state is listed, SAFE."""
+    sd, state = _titan_state()
+    if saved == "dcp":
+        path = _save(tmp_path / "step-7", state)
+        assert "optimizer.state.fc.weight.exp_avg" in _metadata(path).state_dict_metadata
+    else:
+        path = tmp_path / "step-7.pt"
+        torch.save(state, path)
+    info = smartload.inspect(path)
+    assert (info.verdict, info.state_dict_path, info.other_state_dicts) == ("SAFE", (), ())
+    assert {k: (t.shape, t.dtype) for k, t in info.tensors.items()} == {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()
+    }
+    assert info.extras == {
+        "optimizer": "dict with 2 entries, 18 tensors",  # exp_avg, exp_avg_sq and step for 6
+        "lr_scheduler": f"dict with {len(state['lr_scheduler'])} entries",
+        "dataloader": "dict with 2 entries",
+        "train_state": "dict with 2 entries",
+    }
+    assert main(["inspect", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["verdict"], data["state_dict_path"], data["num_tensors"]) == ("SAFE", [], len(sd))
+
+    target = make_net(10, seed=2)
+    report = smartload.load(target, path)
+    assert (report.to_dict()["state_dict_path"], report.unused) == ([], ())
+    assert report.summary["copy"] == len(sd)
+    assert_same_tensors(target.state_dict(), sd)
+    if saved == "dcp":  # what dcp.load gives for the model's keys alone
+        assert_same_tensors(target.state_dict(), _dcp_load(path, sd))
+
+
+@pytest.mark.parametrize(
+    ("tree", "expected"),
+    [
+        ({"model": "sd", "optimizer": "adam", "step": "t"}, ("model",)),  # a tensor beside
+        ({"state_dict": "sd", "epoch": 3, "lr": "t", "args": {"a": 1}}, ("state_dict",)),
+        ({"fc.weight": "t", "meta": {"epoch": 3, "lr": 0.1}}, ()),  # no tensor beside
+    ],
+)
+def test_top_level_tensors_are_taken_only_when_nothing_below_holds_weights(
+    tree: dict[str, Any], expected: tuple[str, ...], tmp_path: Path
+) -> None:
+    """A tensor beside a state dict (a step counter) never wins over it; tensors beside plain
+    values are the state dict."""
+    sd = make_net(10, seed=1).state_dict()
+    values = {"sd": sd, "t": torch.tensor(5), "adam": {"state": {0: {"exp_avg": torch.ones(3)}}}}
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: fill(v) for k, v in node.items()}
+        return values.get(node, node) if isinstance(node, str) else node
+
+    torch.save(fill(tree), tmp_path / "ckpt.pth")
+    info = smartload.inspect(tmp_path / "ckpt.pth")
+    assert (info.state_dict_path, info.other_state_dicts) == (expected, ())
+    if expected:
+        assert set(info.tensors) == set(sd)
+
+
+# --------------------------------------------------------------------------------------------------
+# bytes items: pickles dcp.load would run, pre-scanned
+
+
+def _point_item_at(path: Path, fqn: str, data: bytes) -> None:
+    """Append ``data`` to the item's file and point the bytes item ``fqn`` at it."""
+    metadata = _metadata(path)
+    (key,) = [key for key in metadata.storage_data if key.fqn == fqn]
+    info = metadata.storage_data[key]
+    file = path / info.relative_path
+    info.offset, info.length = file.stat().st_size, len(data)
+    with open(file, "ab") as f:
+        f.write(data)
+    _rewrite(path, metadata)
+
+
+def test_a_hostile_bytes_item_is_unsafe_for_inspect_diff_and_load(
+    tmp_path: Path, sentinel: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``train_state`` whose pickle calls os.system: UnsafeCheckpointError naming the global
+    and the item (CLI exit 4) from inspect, diff and load, where dcp.load runs it."""
+    sd = make_net(10, seed=1).state_dict()
+    path = _save(tmp_path / "ckpt", {"model": sd, "train_state": Payload(f"touch {sentinel}")})
+    (item,) = _items(path, "train_state")
+    with pytest.raises(UnsafeCheckpointError) as caught:
+        smartload.inspect(path)
+    assert (caught.value.path, caught.value.globals) == (
+        str(path / "__0_0.distcp"),
+        ["posix.system"],
+    )
+    assert caught.value.detail == (
+        f"bytes item 'train_state' ({item.length:,} bytes at byte {item.offset:,} of "
+        "'__0_0.distcp'): posix.system: module 'posix' can run code or touch the system; "
+        "dcp.load would unpickle it with torch.load(weights_only=False)"
+    )
+    model = make_net(10, seed=2)
+    before = snapshot(model)
+    with pytest.raises(UnsafeCheckpointError):
+        smartload.diff(model, path)
+    with pytest.raises(UnsafeCheckpointError):
+        smartload.load(model, path)
+    assert_unchanged(model, before)
+    for argv in (["inspect", str(path), "--json"], ["diff", str(path), str(path), "--json"]):
+        assert main(argv) == 4
+        data = json.loads(capsys.readouterr().out)
+        assert (data["verdict"], data["globals"]) == ("UNSAFE", ["posix.system"])
+    # accepted by name outside the state dict, like any file's: never unpickled, nothing runs
+    smartload.load(model, path, allow_globals=["posix.system"])
+    assert_same_tensors(model.state_dict(), sd)
+
+    ran = tmp_path / "ran"  # what smartload refuses, dcp.load runs
+    torch_path = _save(tmp_path / "other", {"train_state": Payload(f"touch {ran}")})
+    dcp.load({"train_state": 0}, checkpoint_id=torch_path)
+    assert ran.exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("a plain pickle", ["posix.system"]),
+        ("torch's legacy format", ["posix.system"]),
+        ("an archive smartload's zip reader refuses", ["posix.system"]),
+        ("a TorchScript archive", ["torch.jit.load"]),
+    ],
+)
+def test_bytes_items_are_walked_as_torch_load_would_read_them(
+    kind: str, expected: list[str], tmp_path: Path, sentinel: Path
+) -> None:
+    """torch.load unpickles what does not open as a zip as its legacy format (pickle after
+    pickle), and hands a TorchScript archive to torch.jit.load: each is judged accordingly; an
+    archive smartload's reader refuses is walked from every local header."""
+    buffer = io.BytesIO()
+    payload = Payload(f"touch {sentinel}")
+    if kind == "a plain pickle":
+        buffer.write(pickle.dumps({"step": 3, "hook": payload}, protocol=2))
+    elif kind == "torch's legacy format":
+        torch.save({"step": 3, "hook": payload}, buffer, _use_new_zipfile_serialization=False)
+    elif kind == "an archive smartload's zip reader refuses":  # two data.pkl: torch reads one
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("a/data.pkl", pickle.dumps(3, protocol=2))
+            archive.writestr("b/data.pkl", pickle.dumps(payload, protocol=2))
+    else:
+        with warnings.catch_warnings():  # TorchScript is deprecated: still what torch.load runs
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), buffer)
+    path = _save(tmp_path / "ckpt", {"model": make_net(10).state_dict(), "epoch": 3})
+    _point_item_at(path, "epoch", buffer.getvalue())
+    with pytest.raises(UnsafeCheckpointError) as caught:
+        smartload.inspect(path)
+    assert caught.value.globals == expected
+    assert "bytes item 'epoch'" in caught.value.detail
+
+
+def test_an_unknown_global_in_a_bytes_item_is_unknown_and_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dataclass of the saving script as ``train_state``: UNKNOWN naming it (exit 6), the
+    item described as naming one; load and diff still work (the item is never unpickled)."""
+    sd = make_net(10, seed=1).state_dict()
+    state = {"model": sd, "train_state": _RunInfo("node-1"), "metrics": {"loss": 0.25}}
+    path = _save(tmp_path / "ckpt", state)
+    qualname = f"{_RunInfo.__module__}._RunInfo"
+    (item,) = _items(path, "train_state")
+    info = smartload.inspect(path)
+    assert (info.verdict, info.unknown_globals, info.state_dict_path) == (
+        "UNKNOWN",
+        (qualname,),
+        ("model",),
+    )
+    assert info.extras["train_state"] == f"bytes item ({item.length:,} bytes, 1 unknown global)"
+    assert info.extras["metrics"] == "dict with 1 entries"
+    assert qualname in info.verdict_reason
+    assert main(["inspect", str(path), "--json"]) == 6
+    data = json.loads(capsys.readouterr().out)
+    assert (data["verdict"], data["unknown_globals"]) == ("UNKNOWN", [qualname])
+    target = make_net(10, seed=2)
+    assert smartload.diff(target, path).to_dict()["state_dict_path"] == ["model"]
+    smartload.load(target, path)
+    assert_same_tensors(target.state_dict(), sd)
+
+
+def test_benign_bytes_items_stay_safe(tmp_path: Path) -> None:
+    """ints, floats, dicts and lists of them, an optimizer's param_groups, raw bytes: the items
+    name no global that is not data; SAFE."""
+    model = make_net(10, seed=1)
+    optim = torch.optim.AdamW(model.parameters(), betas=(0.8, 0.9))
+    state = {
+        "model": model.state_dict(),
+        "optim": optim.state_dict(),
+        "epoch": 3,
+        "metrics": {"loss": 0.25, "acc": [0.5, 0.75]},
+        "blob": b"\x00\x01",
+    }
+    info = smartload.inspect(_save(tmp_path / "ckpt", state))
+    assert (info.verdict, info.unknown_globals, info.unscanned_items) == ("SAFE", (), ())
+    assert set(info.globals) == _DCP_GLOBALS | {"_codecs.encode"}  # how protocol 2 keeps bytes
+
+
+def _nested(depth: int) -> Any:
+    value: Any = ()
+    for _ in range(depth):
+        value = (value,)
+    return value
+
+
+@pytest.mark.parametrize("why", ["past the limit", "refused by the pre-scan"])
+def test_an_item_not_scanned_to_its_end_is_unknown(
+    why: str,
+    tmp_path: Path,
+    sentinel: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An item past the bytes smartload walks, or whose walk the pre-scan refuses before its
+    end (tuples 101 deep, then os.system): what it names is unknown, so the verdict is UNKNOWN,
+    never SAFE, and the log says why; the CLI says UNKNOWN (exit 6); load works."""
+    sd = make_net(10, seed=1).state_dict()
+    path = _save(tmp_path / "ckpt", {"model": sd, "train_state": [0.5] * 100})
+    if why == "past the limit":
+        monkeypatch.setattr(smartload._dcp_items, "SCAN_LIMIT", 100)
+        (item,) = _items(path, "train_state")
+        with open(path / item.relative_path, "rb") as f:
+            f.seek(item.offset)
+            archive = zipfile.ZipFile(io.BytesIO(f.read(item.length)))
+        (pkl,) = [i.file_size for i in archive.infolist() if i.filename.endswith("/data.pkl")]
+        reason = f"its pickle of {pkl:,} bytes is past the 100 bytes of pickle smartload walks"
+        size = item.length
+    else:
+        data = pickle.dumps((_nested(101), Payload(f"touch {sentinel}")), protocol=2)
+        _point_item_at(path, "train_state", data)
+        reason, size = "tuples nested more than 100 deep", len(data)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "smartload"):
+        info = smartload.inspect(path)
+    assert [r.getMessage() for r in caplog.records if r.name == "smartload"] == [
+        f"bytes item 'train_state' of __0_0.distcp not scanned to its end: {reason}"
+        + (" in a directory" if why == "past the limit" else "")
+        + "; what it names is unknown"
+    ]
+    assert (info.verdict, info.unscanned_items, info.unknown_globals) == (
+        "UNKNOWN",
+        ("train_state",),
+        (),
+    )
+    assert info.extras["train_state"] == f"bytes item ({size:,} bytes, not scanned to its end)"
+    assert "1 bytes item not scanned to the end (train_state)" in info.verdict_reason
+    assert main(["inspect", str(path)]) == 6
+    target = make_net(10, seed=2)
+    smartload.load(target, path)
+    assert_same_tensors(target.state_dict(), sd)
+
+
+def test_a_hostile_item_is_reported_ahead_of_what_else_is_wrong(
+    tmp_path: Path, sentinel: Path
+) -> None:
+    """A hostile item, a bytes item without its storage entry and a tensor chunk without its
+    own: UNSAFE, the other bytes item's problem mentioned after."""
+    state = {"model": make_net(10).state_dict(), "train_state": Payload(f"touch {sentinel}")}
+    path = _save(tmp_path / "ckpt", state)
+    metadata = _metadata(path)
+    del metadata.storage_data[MetadataIndex("model.fc.weight", [0, 0])]
+    metadata.state_dict_metadata["epoch"] = metadata.state_dict_metadata["train_state"]
+    _rewrite(path, metadata)
+    with pytest.raises(UnsafeCheckpointError) as caught:
+        smartload.inspect(path)
+    assert caught.value.globals == ["posix.system"]
+    assert caught.value.detail.endswith("; besides, bytes item 'epoch': no storage entry")
+
+
+def test_overlapping_bytes_items_are_refused(tmp_path: Path) -> None:
+    """Two items over the same bytes (DCP never writes that): refused, naming both, so no
+    small metadata makes smartload walk one large item many times."""
+    path = _save(tmp_path / "ckpt", {"model": make_net(10).state_dict(), "epoch": 3, "step": 9})
+    metadata = _metadata(path)
+    metadata.storage_data[MetadataIndex("step")] = metadata.storage_data[MetadataIndex("epoch")]
+    _rewrite(path, metadata)
+    with pytest.raises(CheckpointFormatError) as caught:
+        smartload.inspect(path)
+    assert caught.value.problem == (
+        "bytes items 'epoch' and 'step' overlap in '__0_0.distcp' (DCP writes each item once)"
+    )
