@@ -17,6 +17,7 @@ import torch
 
 from ._inspect import CheckpointInfo, inspect
 from ._plan import open_checkpoint
+from ._rename_hint import RenameHint, rename_hint
 from ._tensors import Materializer, ReadBudget, reducible, stored_bytes
 
 __all__ = ["CheckpointComparison", "ValueDifference", "compare_checkpoints"]
@@ -53,6 +54,7 @@ class CheckpointComparison:
     shape_differs: tuple[str, ...]
     dtype_differs: tuple[str, ...]
     value_differs: Mapping[str, ValueDifference]
+    rename_hint: RenameHint | None = None  # the first's keys only it has, renamed into the second's
 
     @property
     def identical(self) -> bool:
@@ -76,6 +78,7 @@ class CheckpointComparison:
             "shape_differs": {k: [list(a[k].shape), list(b[k].shape)] for k in self.shape_differs},
             "dtype_differs": {k: [a[k].dtype, b[k].dtype] for k in self.dtype_differs},
             "value_differs": {k: v.to_dict() for k, v in self.value_differs.items()},
+            "rename_hint": self.rename_hint.to_dict() if self.rename_hint else None,
         }
 
 
@@ -88,6 +91,10 @@ def compare_checkpoints(a: str, b: str, *, ema: bool = False) -> CheckpointCompa
     dtype = tuple(k for k in both if ta[k].shape == tb[k].shape and ta[k].dtype != tb[k].dtype)
     alike = [k for k in both if ta[k].shape == tb[k].shape and ta[k].dtype == tb[k].dtype]
     values = _value_differences(info_a, info_b, alike) if alike else {}
+    hint = rename_hint(
+        {k: tuple(t.shape) for k, t in tb.items() if k not in ta},
+        {k: tuple(t.shape) for k, t in ta.items() if k not in tb},
+    )
     return CheckpointComparison(
         a=info_a,
         b=info_b,
@@ -97,6 +104,7 @@ def compare_checkpoints(a: str, b: str, *, ema: bool = False) -> CheckpointCompa
         shape_differs=shape,
         dtype_differs=dtype,
         value_differs=values,
+        rename_hint=hint,
     )
 
 

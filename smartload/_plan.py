@@ -23,6 +23,7 @@ from ._heads import HeadRule, class_map_by_names, resolve_class_map, source_rows
 from ._load_hooks import HookedKeys, module_roles, translate
 from ._module_tree import ModuleTree
 from ._normalize import choose_state_dict, describe_extras, leaf_dtype, leaf_shape, match_keys
+from ._rename_hint import rename_hint
 from ._replaced import module_notes
 from ._report import ACTIONS, HeadChange, LoadPlan, PlanEntry
 from ._tensors import Materializer
@@ -340,6 +341,12 @@ def make_plan(
             "(device=..., default cpu)"
         )
     entries = _note_tied(model_sd, entries)
+    hint = rename_hint(
+        {e.key: e.model_shape for e in entries if e.action == "skip" and e.reason == "missing"},
+        {k: leaf_shape(tensors[k]) for k in unused},
+    )
+    if hint is not None:  # said first: it explains the rest
+        notes.insert(0, hint.note())
     unused_keys = tuple(sorted(originals.get(k, k) for k in unused))
     notes.extend(module_notes(model, entries, unused_keys, ckpt.module))
     return LoadPlan(
@@ -355,6 +362,7 @@ def make_plan(
         inert_globals=ckpt.inert,
         adapter=chosen.name,
         notes=tuple(notes),
+        rename_hint=hint,
         tensors={originals.get(k, k): v for k, v in tensors.items()},
         sources=ckpt.sources,
         transforms=ctx.transforms,

@@ -97,6 +97,7 @@ class _Outcome:
     inert_globals: tuple[str, ...] = ()
     adapter: str = "generic"
     notes: tuple[str, ...] = ()
+    rename_hint: Any = None  # a naming difference (``_rename_hint.RenameHint``), said first
 
     @property
     def summary(self) -> dict[str, int]:
@@ -122,6 +123,7 @@ class _Outcome:
             "extras": dict(self.extras),
             "inert_globals": list(self.inert_globals),
             "notes": list(self.notes),
+            "rename_hint": self.rename_hint.to_dict() if self.rename_hint else None,
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -151,6 +153,9 @@ class _Outcome:
             + f", adapter: {self.adapter})",
             self.summary_line(),
         ]
+        hint = self.rename_hint.note() if self.rename_hint else None
+        if hint:
+            lines.append(f"hint: {hint}")
         for head in self.heads:
             kept = sum(c is not None for c in head.class_map) if head.class_map else 0
             lines.append(
@@ -172,7 +177,7 @@ class _Outcome:
             lines.append(
                 "inert objects (recorded, never executed): " + ", ".join(self.inert_globals)
             )
-        lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(f"note: {n}" for n in self.notes if n != hint)
         return "\n".join(lines)
 
 

@@ -547,6 +547,9 @@ def _render_comparison(out: Console, result: CheckpointComparison) -> None:
         "second"
     )
     out.print(Text(counts + (" (identical)" if result.identical else "")))
+    if result.rename_hint is not None:
+        hint = result.rename_hint.note("key(s) only in the second", "only in the first")
+        out.print(Text(_printable(f"hint: {hint} (rename applies to the first's keys)")))
     lines = [
         f"  value  {k}: {v.elements:,} of {v.numel:,} elements differ, max |a - b| {v.max_abs:.6g}"
         for k, v in result.value_differs.items()
