@@ -257,6 +257,7 @@ def test_diff_two_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         "only_in_a": ["bn.running_mean", "bn.running_var"], "only_in_b": ["extra"],
         "shape_differs": {"fc.weight": [[10, 8], [5, 8]], "fc.bias": [[10], [5]]},
         "dtype_differs": {"conv.weight": ["float32", "float16"]}, "value_differs": {},
+        "rename_hint": None,
     }  # fmt: skip
 
 
