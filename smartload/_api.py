@@ -42,9 +42,15 @@ def diff(
     Raises :class:`IncompatibleCheckpointError` listing every key no policy can place.
     """
     from ._plan import make_plan
+    from .adapters import default_classes, select_adapter
 
+    chosen = select_adapter(model, adapter)
+    # class names the framework records (transformers: config.json's and model.config's id2label)
+    source_classes, target_classes, said = default_classes(
+        chosen, model, checkpoint, source_classes, target_classes, class_map
+    )
     with gc_paused():
-        return make_plan(
+        plan = make_plan(
             model,
             checkpoint,
             num_classes=num_classes,
@@ -55,9 +61,10 @@ def diff(
             state_dict_path=state_dict_path,
             source_classes=source_classes,
             target_classes=target_classes,
-            adapter=adapter,
+            adapter=chosen,
             allow_globals=allow_globals,
         )
+    return replace(plan, notes=(*said, *plan.notes)) if said else plan
 
 
 def load(
@@ -89,7 +96,8 @@ def load(
     - ``class_map``: for each new class, the checkpoint class (index, or name with
       ``source_classes``) whose rows it takes, or None. ``source_classes`` + ``target_classes``
       derive one by name; ``source_classes`` may name a label set the adapter knows
-      (``"imagenet-1k"`` for timm models).
+      (``"imagenet-1k"`` for timm models). The transformers adapter takes both by default from
+      the checkpoint folder's ``config.json`` and ``model.config`` (their ``id2label``).
     - ``policies``: ``{glob over model keys: "copy" | "slice" | "reinit-normal" | "skip"}``.
     - ``ema``: load the EMA weights (``state_dict_ema``, ``model_ema`` ...) instead of the raw ones.
     - ``rename``: ``{regex: replacement}`` applied to checkpoint keys first.

@@ -50,8 +50,11 @@ _COLLAPSE_AT = 60
 _MODEL_KINDS = (
     "timm:NAME, torchvision:NAME, d2:CONFIG (model zoo), a detectron2 .yaml path, "
     "yolo:CONFIG (an ultralytics model yaml, e.g. yolo11n.yaml), "
-    "or yolov5:CONFIG (an original YOLOv5 model yaml, e.g. yolov5s.yaml or "
-    "models/hub/yolov5s-transformer.yaml)"
+    "yolov5:CONFIG (an original YOLOv5 model yaml, e.g. yolov5s.yaml or "
+    "models/hub/yolov5s-transformer.yaml), "
+    "or hf:CONFIG_DIR | hf:CLASS | hf:CLASS:CONFIG_DIR (a transformers model: from a "
+    "save_pretrained folder's config.json, its class from 'architectures'; a class such as "
+    "ViTForImageClassification with its default config; built on the meta device)"
 )
 
 _EPILOG = """\
@@ -65,6 +68,7 @@ examples:
       --num-classes 3 --class-map person,car,dog --source-classes coco_2017_train
   smartload diff yolov8n.pt --model yolo:yolov8n.yaml --num-classes 3 --class-map person,car,dog
   smartload diff yolov5s.pt --model yolov5:models/hub/yolov5s-transformer.yaml --num-classes 3
+  smartload diff vit-base/ --model hf:my-vit/         a transformers model from a config folder
   smartload diff a.pth b.safetensors                compare two checkpoints: keys, shapes, values
   smartload convert ckpt.pth model.safetensors      safe conversion (contiguous, metadata)
 
@@ -501,6 +505,10 @@ def _build(spec: str, num_classes: int | None) -> torch.nn.Module:
         from .adapters.yolov5 import build_model as build_yolov5
 
         return build_yolov5(name, num_classes)
+    if kind == "hf":
+        from .adapters.transformers import build_model as build_transformers
+
+        return build_transformers(name, num_classes)
     if kind == "d2" or spec.endswith((".yaml", ".yml")):
         from detectron2.config import get_cfg
         from detectron2.model_zoo import get_config_file

@@ -8,7 +8,7 @@ and import their framework lazily; the core never imports them unless the model 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from .._heads import HeadRule
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Adapter", "Conversion", "GenericAdapter", "HeadRule", "select_adapter"]
+__all__ = ["Adapter", "ClassNames", "Conversion", "GenericAdapter", "HeadRule", "select_adapter"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,18 @@ class Conversion:
 
     reason: str  # for the report: "input conv 3 → 1 channels (timm adapt_input_conv)"
     fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClassNames:
+    """Class names the framework records beside the weights: the defaults of ``source_classes``
+    (the checkpoint's) and ``target_classes`` (the model's), None where unknown."""
+
+    source: Sequence[str] | None = None
+    target: Sequence[str] | None = None
+    source_from: str = ""  # where they were read, for the report ("folder/config.json's id2label")
+    target_from: str = ""
+    notes: tuple[str, ...] = ()
 
 
 class Adapter:
@@ -58,6 +70,11 @@ class Adapter:
     def class_names(self, label_set: str) -> list[str] | None:
         """The class names of a label set the framework knows (``"imagenet-1k"``), or None."""
         return None
+
+    def default_classes(self, model: torch.nn.Module, checkpoint: Any) -> ClassNames:
+        """The checkpoint's and the model's class names where the framework records them
+        (transformers: ``config.json``'s and ``model.config``'s ``id2label``)."""
+        return ClassNames()
 
     def convert(
         self,
@@ -138,6 +155,12 @@ def _is_yolov5(model: torch.nn.Module) -> bool:
     return is_yolov5(model)
 
 
+def _is_transformers(model: torch.nn.Module) -> bool:
+    from .transformers import is_transformers  # imports no transformers
+
+    return is_transformers(model)
+
+
 # (test on the model, module, class): framework adapters register here; checked in order. The
 # tests must not import the framework: the adapter module does, when it is chosen.
 _REGISTRY: list[tuple[Callable[[torch.nn.Module], bool], str, str]] = [
@@ -146,6 +169,7 @@ _REGISTRY: list[tuple[Callable[[torch.nn.Module], bool], str, str]] = [
     (_is_torchvision_detection, "smartload.adapters.torchvision", "TorchvisionDetectionAdapter"),
     (_is_ultralytics, "smartload.adapters.ultralytics", "UltralyticsAdapter"),
     (_is_yolov5, "smartload.adapters.yolov5", "Yolov5Adapter"),
+    (_is_transformers, "smartload.adapters.transformers", "TransformersAdapter"),
 ]
 
 
@@ -158,3 +182,42 @@ def select_adapter(model: torch.nn.Module, adapter: Adapter | None = None) -> Ad
             found: Adapter = getattr(importlib.import_module(module), cls)()
             return found
     return GenericAdapter()
+
+
+def default_classes(
+    adapter: Adapter,
+    model: torch.nn.Module,
+    checkpoint: Any,
+    source_classes: Any,
+    target_classes: Sequence[str] | None,
+    class_map: Any,
+) -> tuple[Any, Sequence[str] | None, tuple[str, ...]]:
+    """``source_classes`` and ``target_classes`` with the adapter's defaults filled in, and notes
+    saying so. The model's names are used only with a checkpoint's to match them to, when no
+    class map is given and the two differ (the same names in the same order: nothing to map)."""
+    if source_classes is not None and (target_classes is not None or class_map is not None):
+        return source_classes, target_classes, ()
+    found = adapter.default_classes(model, checkpoint)
+    notes = list(found.notes)
+    source = source_classes if source_classes is not None else found.source
+    if (
+        target_classes is None
+        and class_map is None
+        and found.target is not None
+        and isinstance(source, Sequence)
+        and not isinstance(source, str)
+        and list(found.target) != list(source)
+        and len(found.target) == adapter.num_classes(model)
+    ):
+        target_classes = list(found.target)
+        notes.append(
+            f"class names of the model ({len(target_classes)}) from {found.target_from}: the "
+            "rows of the classes the checkpoint names too are kept, by name"
+        )
+    if source_classes is None and found.source is not None:
+        source_classes = list(found.source)
+        if target_classes is not None or class_map is not None:  # used: say where they came from
+            notes.insert(
+                0, f"class names of the checkpoint ({len(source_classes)}) from {found.source_from}"
+            )
+    return source_classes, target_classes, tuple(notes)
