@@ -105,6 +105,29 @@ def yolov5(config: str) -> Callable[[int], torch.nn.Module]:
     return build
 
 
+def hf(config: str, cls: str, **tiny: Any) -> Callable[[int], torch.nn.Module]:
+    """A transformers model of ``cls`` from ``config`` with a small ``tiny`` configuration."""
+
+    def build(k: int) -> torch.nn.Module:
+        import transformers
+
+        made = getattr(transformers, config)(num_labels=k, **tiny)
+        return getattr(transformers, cls)(made)
+
+    return build
+
+
+_HF_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               image_size=32, patch_size=8)  # fmt: skip
+_HF_TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=32)  # fmt: skip
+_HF_DETR = dict(use_timm_backbone=False, use_pretrained_backbone=False, d_model=32,
+                encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5,
+                backbone_config={"model_type": "resnet", "embedding_size": 8,
+                                 "hidden_sizes": [8, 8, 8, 8], "depths": [1, 1, 1, 1],
+                                 "out_features": ["stage4"]})  # fmt: skip
+
 CASES = [
     Case("timm", "classifiers (ResNet, ConvNeXt, ViT, ...)", "`pretrained_cfg['classifier']`: K",
          "the head's init std, bias 0", timm_model("resnet18")),
@@ -136,6 +159,17 @@ CASES = [
          "`_initialize_biases`: `log(0.6 / (K − 0.99999))`", yolov5("yolov5n.yaml")),
     Case("yolov5", "Classify", "`model.9.linear`: K", "default Linear spread, bias 0",
          yolov5("yolov5n-cls.yaml")),
+    Case("transformers", "image classification (ViT, DeiT, Swin, ConvNeXt, ...)",
+         "`classifier` (DeiT: `cls_classifier`, `distillation_classifier`): K",
+         "`_init_weights`: N(0, `initializer_range`), bias 0",
+         hf("ViTConfig", "ViTForImageClassification", **_HF_VIT)),
+    Case("transformers", "DETR, YOLOS, Mask2Former", "`class_labels_classifier` (Mask2Former: "
+         "`class_predictor`) K+1 "
+         "(no object last, kept)", "`_init_weights`: N(0, `init_std`), bias 0",
+         hf("DetrConfig", "DetrForObjectDetection", **_HF_DETR)),
+    Case("transformers", "text sequence / token classification", "`classifier` or `score`: K",
+         "`_init_weights`: N(0, `initializer_range`), bias 0",
+         hf("BertConfig", "BertForSequenceClassification", **_HF_TEXT)),
 ]  # fmt: skip
 
 
@@ -163,7 +197,10 @@ def _actions(plan: Any) -> str:
     }
     seen = sorted({e.action for e in heads}, key=list(names).index)
     if "slice" in seen and not any(h.class_map for h in plan.heads):
-        seen[seen.index("slice")] = "copy"
+        fresh = any(e.rows and None in e.rows for e in heads if e.action == "slice")
+        seen[seen.index("slice")] = (
+            "re-initialise the class rows, keep the rest" if fresh else "copy"
+        )
     return " + ".join(names.get(a, a) for a in seen)
 
 
