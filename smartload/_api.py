@@ -37,17 +37,57 @@ def diff(
     adapter: Adapter | None = None,
     allow_globals: Sequence[str] = (),
 ) -> LoadPlan:
-    """The plan :func:`load` would follow: one entry per model key. Touches nothing.
+    """The plan :func:`load` would follow: one entry per model key. Touches nothing (modules the
+    adapter would rebuild, as :func:`load` does, are put in place to plan and then put back).
 
     Raises :class:`IncompatibleCheckpointError` listing every key no policy can place.
     """
-    from ._plan import make_plan
-    from .adapters import default_classes, select_adapter
+    from .adapters import select_adapter
 
     chosen = select_adapter(model, adapter)
+
+    def make() -> LoadPlan:
+        return _plan(
+            model,
+            checkpoint,
+            chosen,
+            num_classes=num_classes,
+            class_map=class_map,
+            policies=policies,
+            ema=ema,
+            rename=rename,
+            state_dict_path=state_dict_path,
+            source_classes=source_classes,
+            target_classes=target_classes,
+            allow_globals=allow_globals,
+        )
+
+    with gc_paused():
+        return _plan_and_apply(model, chosen, make, lambda plan: None, dry_run=True)
+
+
+def _plan(
+    model: torch.nn.Module,
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+    adapter: Adapter,
+    *,
+    num_classes: int | None,
+    class_map: Sequence[int | str | None] | Mapping[int, int | str | None] | None,
+    policies: Mapping[str, str] | None,
+    ema: bool,
+    rename: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+    state_dict_path: Sequence[str] | None,
+    source_classes: Sequence[str] | str | None,
+    target_classes: Sequence[str] | None,
+    allow_globals: Sequence[str],
+) -> LoadPlan:
+    """One plan for the model as it is (its modules not rebuilt)."""
+    from ._plan import make_plan
+    from .adapters import default_classes
+
     # class names the framework records (transformers: config.json's and model.config's id2label)
     source_classes, target_classes, said = default_classes(
-        chosen, model, checkpoint, source_classes, target_classes, class_map
+        adapter, model, checkpoint, source_classes, target_classes, class_map
     )
     with gc_paused():
         plan = make_plan(
@@ -61,7 +101,7 @@ def diff(
             state_dict_path=state_dict_path,
             source_classes=source_classes,
             target_classes=target_classes,
-            adapter=chosen,
+            adapter=adapter,
             allow_globals=allow_globals,
         )
     return replace(plan, notes=(*said, *plan.notes)) if said else plan
@@ -130,9 +170,10 @@ def load(
     chosen = select_adapter(model, adapter)
 
     def make() -> LoadPlan:
-        return diff(
+        return _plan(
             model,
             checkpoint,
+            chosen,
             num_classes=num_classes,
             class_map=class_map,
             policies=policies,
@@ -141,7 +182,6 @@ def load(
             state_dict_path=state_dict_path,
             source_classes=source_classes,
             target_classes=target_classes,
-            adapter=chosen,
             allow_globals=allow_globals,
         )
 

@@ -144,13 +144,17 @@ def test_coco_nano_detector_into_3_classes_rebuilds_the_resized_class_branch(
     target = build("yolov8n.yaml", 3, seed=2)
     before = snapshot(target)
 
-    # nano: the class branch is max(64, min(nc, 100)) wide: 80 channels for COCO, 64 for 3 classes
+    # nano: the class branch is max(64, min(nc, 100)) wide: 80 channels for COCO, 64 for 3 classes;
+    # the plan is made with it rebuilt (as load does), and the model keeps its own modules
+    branch = target.model[22].cv3
     plan = smartload.diff(target, best, target_classes=["person", "car", "dog"])
     counts = {k: v for k, v in plan.summary.items() if not k.endswith("_params")}
-    assert counts == {"copy": 319, "slice": 0, "reinit-normal": 0, "skip": 36, "unused": 0}
-    skipped = {e.key.split(".cv3.")[1].split(".")[0] for e in plan.entries if e.action == "skip"}
-    assert skipped == {"0", "1", "2"}
-    assert all(e.key.startswith("model.22.cv3.") for e in plan.entries if e.action == "skip")
+    assert counts == {"copy": 349, "slice": 6, "reinit-normal": 0, "skip": 0, "unused": 0}
+    assert plan.notes[-1].startswith(
+        "15 module(s) would be rebuilt (dry run) at the checkpoint's shapes by the ultralytics"
+    )
+    assert target.model[22].cv3 is branch
+    assert_unchanged(target, before)
 
     # load rebuilds the branch at the checkpoint's width, as ultralytics' own load does
     report = smartload.load(target, best, target_classes=["person", "car", "dog"])
@@ -333,7 +337,7 @@ def test_the_yolo_wrapper_has_the_same_heads(tmp_path: Path) -> None:
     assert torch.equal(weight, saved["model.22.cv3.1.2.weight"][[4, 0, 9]])
 
 
-def test_a_policy_keeps_its_key_when_the_branch_is_kept_initialised(tmp_path: Path) -> None:
+def test_a_policy_keeps_its_key_when_the_branch_is_rebuilt(tmp_path: Path) -> None:
     source = build("yolov8n.yaml", 80, seed=1)
     _, best = save_like_trainer(source, COCO, tmp_path)
     target = build("yolov8n.yaml", 3, seed=2)
@@ -343,11 +347,11 @@ def test_a_policy_keeps_its_key_when_the_branch_is_kept_initialised(tmp_path: Pa
     actions = {e.key: (e.action, e.reason) for e in plan.entries}
     assert actions["model.22.cv3.0.2.bias"] == ("reinit-normal", "policy 'model.22.cv3.0.2.bias'")
     assert actions["model.22.cv3.1.2.bias"] == (
-        "skip",
-        "class branch resized with the class count (c3 = max(ch0, min(nc, 100)) = 64): kept as "
-        "initialised unless smartload.load can rebuild the branch at the checkpoint's width, as "
-        "ultralytics' own load does",
+        "reinit-normal",
+        "head model.22.cv3.1.2: 80 → 3 classes, no class map",
     )
+    assert actions["model.22.cv3.1.1.conv.weight"][0] == "copy"  # the branch at COCO's width
+    assert plan.notes[-1].startswith("15 module(s) would be rebuilt (dry run)")
 
 
 # (config, tensors ultralytics' own load copies whole, class-count layers): COCO into 3 classes
