@@ -209,10 +209,9 @@ def load(
         if destination is not None:  # written now; only renamed into place once loaded
             destination.prepare(LoadReport.from_plan(plan, dry_run=dry_run).to_dict())
         if not dry_run:
-            from ._apply import apply_plan, needs_seed
-            from ._init import default_seed
+            from ._apply import apply_plan, choose_seed
 
-            seed = init_seed if init_seed is not None else default_seed() if needs_seed(plan) else 0
+            seed = choose_seed(plan, init_seed)
             apply_plan(
                 model,
                 plan,
@@ -259,27 +258,38 @@ def _load_collective(
             "device= is for models on the meta device; a sharded model's shards stay where "
             "they are. Call model.to_empty(device=...) after sharding, then load"
         )
-    destination = None
-    if report_path is not None and dist.get_rank(group) == 0:
-        destination = _report_file(report_path)
+    destination: list[JsonFile] = []  # rank 0's, made while planning: a failure is agreed on
+
+    def plan() -> LoadPlan:
+        if report_path is not None and dist.get_rank(group) == 0 and not destination:
+            destination.append(_report_file(report_path))
+        return make()
+
     try:
         with gc_paused():
-            plan, spread = load_collective(
+            done, spread = load_collective(
                 model,
                 group,
-                make,
+                plan,
                 dry_run=dry_run,
                 on_nonfinite=on_nonfinite,
                 verify_checksums=verify_checksums,
                 init_seed=init_seed,
             )
     except BaseException:
-        if destination is not None:
-            destination.discard()
+        for file in destination:
+            file.discard()
         raise
-    report = replace(LoadReport.from_plan(plan, dry_run=dry_run), distributed=spread)
-    if destination is not None:
-        destination.write(report.to_dict())
+    report = replace(LoadReport.from_plan(done, dry_run=dry_run), distributed=spread)
+    for file in destination:  # every rank has loaded: a report that cannot be written is said
+        try:
+            file.write(report.to_dict())
+        except OSError as exc:
+            logger.error(
+                "loaded on every rank, but the report could not be written to %s: %s",
+                report_path,
+                exc.strerror or exc,
+            )
     logger.info("%s%s", "dry run: " if dry_run else "", report.summary_line())
     return report
 
@@ -319,8 +329,9 @@ def _plan_and_apply(
     if not rebuilt:
         apply(first)
         return first
-    previous = _swap_modules(model, rebuilt)
+    previous: dict[str, torch.nn.Module] = {}
     try:
+        _swap_modules(model, rebuilt, previous)  # filled as it goes: undone on any error
         again = make()
         again = replace(again, notes=(*again.notes, _rebuilt_note(adapter, rebuilt, dry_run)))
         apply(again)
@@ -352,10 +363,13 @@ def _report_file(path: str | os.PathLike[str]) -> JsonFile:
 
 
 def _swap_modules(
-    model: torch.nn.Module, modules: Mapping[str, torch.nn.Module]
+    model: torch.nn.Module,
+    modules: Mapping[str, torch.nn.Module],
+    previous: dict[str, torch.nn.Module] | None = None,
 ) -> dict[str, torch.nn.Module]:
-    """Put ``modules`` in place by dotted name; returns the ones they replaced."""
-    previous = {}
+    """Put ``modules`` in place by dotted name; returns the ones they replaced (in ``previous``
+    as they are replaced, so that a failure half-way can be undone)."""
+    previous = {} if previous is None else previous
     for name, module in modules.items():
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)

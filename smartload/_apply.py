@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._init import Box, normal_box
+from ._init import Box, default_seed, normal_box
 from ._load_hooks import compute
 from ._plan import dtype_refusal, model_tensors
 from ._records import DTYPE_ITEMSIZE
@@ -23,12 +23,14 @@ from .errors import CheckpointFormatError, IncompatibleCheckpointError, InvalidA
 __all__ = [
     "apply_plan",
     "check_nonfinite_choice",
+    "choose_seed",
     "check_writable",
     "needs_seed",
     "new_value",
     "nonfinite_keys",
     "nonfinite_refusal",
     "slice_pairs",
+    "source_for",
 ]
 
 NONFINITE_CHOICES = ("error", "allow")
@@ -93,10 +95,8 @@ def apply_plan(
             raise CheckpointFormatError(plan.checkpoint, f"tensor {entry.source!r} changed shape")
         if source is not None and entry.key in plan.transforms:  # a conversion the plan chose
             source = plan.transforms[entry.key](source)
-        if source is not None and entry.action == "slice":
-            pairs = slice_pairs(entry, tuple((0, n) for n in entry.model_shape))
-            index = torch.tensor([r for _, r in pairs], dtype=torch.long)
-            source = source.index_select(entry.dim, index) if pairs else None
+        if source is not None:
+            source = source_for(entry, source)
         values[entry.key], misfit = new_value(entry, target.dtype, seed, source=source)
         if values[entry.key].shape != target.shape:  # writing must not be able to fail
             raise InvalidArgumentError(
@@ -400,6 +400,30 @@ def slice_pairs(entry: PlanEntry, box: Box) -> list[tuple[int, int]]:
         return []
     first, last = box[entry.dim]
     return [(i - first, r) for i, r in enumerate(entry.rows[first:last], first) if r is not None]
+
+
+def source_for(
+    entry: PlanEntry, whole: torch.Tensor, box: Box | None = None
+) -> torch.Tensor | None:
+    """What :func:`new_value` takes for ``box`` (default: all of the key) from the whole
+    checkpoint tensor: its box for a copy, the rows a slice keeps (None if it keeps none)."""
+    box = box if box is not None else tuple((0, n) for n in entry.model_shape)
+    if entry.action != "slice":
+        return whole[tuple(slice(a, b) for a, b in box)]
+    pairs = slice_pairs(entry, box)
+    if not pairs:
+        return None
+    rows = whole.index_select(entry.dim, torch.tensor([r for _, r in pairs], dtype=torch.long))
+    across = (slice(None) if d == entry.dim else slice(a, b) for d, (a, b) in enumerate(box))
+    return rows[tuple(across)]
+
+
+def choose_seed(plan: LoadPlan, init_seed: int | None) -> int:
+    """``init_seed``, or one number drawn from torch's default generator when the plan draws
+    new values (0 when it draws none: the generator is left alone)."""
+    if init_seed is not None:
+        return init_seed
+    return default_seed() if needs_seed(plan) else 0
 
 
 def needs_seed(plan: LoadPlan) -> bool:

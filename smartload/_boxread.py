@@ -69,9 +69,12 @@ class BoxReader:
     bytes are counted once.
     """
 
-    def __init__(self, sources: Mapping[str, Source], materializer: Materializer) -> None:
+    def __init__(
+        self, sources: Mapping[str, Source], materializer: Materializer, *, whole: bool = False
+    ) -> None:
         self._sources = sources
         self._materializer = materializer
+        self._whole_only = whole  # every tensor read whole, through the materializer
         self._files: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
         self._whole: set[int] = set()  # leaves read whole (counted once)
@@ -130,7 +133,23 @@ class BoxReader:
 
     # ----------------------------------------------------------------------------------------------
 
+    def map_files(self, runs: Sequence[Run]) -> None:
+        """Map the files of ``runs`` now (before the ranks agree), and check each map is of the
+        file read so far: one replaced since (a trainer rewriting its checkpoint) is refused
+        here, not copied from after the agreement."""
+        for path in {run.file for run in runs}:
+            self.file_bytes(path)
+            now, read = os.stat(path), os.fstat(self.fd(path))
+            if (now.st_dev, now.st_ino) != (read.st_dev, read.st_ino):
+                raise CheckpointFormatError(
+                    path,
+                    "the file was replaced while it was being read",
+                    "Nothing was loaded. Load it again once it is written",
+                )
+
     def _pieces(self, leaf: Any) -> list[_Piece] | None:
+        if self._whole_only:
+            return None
         if isinstance(leaf, ChunkedRecord):
             from ._dcp import chunk_source
 
@@ -242,7 +261,8 @@ def all_finite(reader: BoxReader, runs: Sequence[Run], dtype: torch.dtype) -> bo
         for start in range(0, run.nbytes, _SCRATCH):
             n = min(_SCRATCH, run.nbytes - start)
             _pread_exactly(fd, buffer[:n], run.offset + start, run.file)
-            if not bool(torch.isfinite(scratch[: n // dtype.itemsize].sum())):
+            # summed in float64: finite float16 values overflow a float16 sum
+            if not bool(torch.isfinite(scratch[: n // dtype.itemsize].sum(dtype=torch.float64))):
                 return False
     return True
 

@@ -36,11 +36,10 @@ def normal_box(
     block by block (see the module docstring), in ``dtype`` (a floating dtype)."""
     shape = tuple(shape)
     out_shape = tuple(stop - start for start, stop in box)
-    if not shape or math.prod(out_shape) == 0:
-        value = torch.empty(shape, dtype=dtype)
-        if value.numel():
-            value.normal_(0.0, std, generator=_generator(seed, key, 0))
-        return value[tuple(slice(a, b) for a, b in box)]
+    if math.prod(out_shape) == 0:  # an empty shard: nothing to draw
+        return torch.empty(out_shape, dtype=dtype)
+    if not shape:  # 0-d: one value, one block
+        return torch.empty((), dtype=dtype).normal_(0.0, std, generator=_generator(seed, key, 0))
     rest = math.prod(shape[1:])
     rows = max(1, BLOCK_ELEMENTS // max(rest, 1))  # rows per block: the shape's, not the box's
     (first, last), inner = box[0], tuple(slice(a, b) for a, b in box[1:])

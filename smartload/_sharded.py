@@ -30,14 +30,15 @@ from . import errors
 from ._apply import (
     check_nonfinite_choice,
     check_writable,
-    needs_seed,
+    choose_seed,
     new_value,
     nonfinite_keys,
     nonfinite_refusal,
     slice_pairs,
+    source_for,
 )
 from ._boxread import BoxReader, Run, all_finite, copy_runs, full_box
-from ._init import Box, default_seed
+from ._init import Box
 from ._load_hooks import compute
 from ._plan import dtype_refusal
 from ._report import LoadPlan, PlanEntry
@@ -104,7 +105,7 @@ class Distributed:
 
 
 @dataclass
-class _Outcome:
+class _RankOutcome:
     """What one rank reports at an agreement: its failure, or what the others need to know."""
 
     failure: tuple[str, str, dict[str, Any]] | None = None  # error class, message, attributes
@@ -127,10 +128,18 @@ def load_collective(
     :class:`SmartloadError` class on every rank when any rank fails; then nothing is written."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
 
-    def plan_step() -> tuple[LoadPlan, _Outcome]:
+    def plan_step() -> tuple[LoadPlan, _RankOutcome]:
         check_nonfinite_choice(on_nonfinite)
         plan = make()
         _boxes(plan)  # refuses placements that are not boxes, before anything is read
+        on_meta = sorted(k for k, t in plan.targets.items() if t.is_meta)
+        if on_meta:
+            raise InvalidArgumentError(
+                f"{len(on_meta)} model tensor(s) are on the meta device ({', '.join(on_meta[:5])}"
+                f"{' ...' if len(on_meta) > 5 else ''}): a collective load copies into the "
+                "tensors each rank has. Nothing was loaded on any rank. Call "
+                "model.to_empty(device=...) (after sharding), then load"
+            )
         if plan.loaders:
             raise InvalidArgumentError(
                 f"module(s) {', '.join(sorted(plan.loaders)[:5])} load through their own "
@@ -143,8 +152,9 @@ def load_collective(
                 "memory. Nothing was loaded. Save the state dict (or pass its path)"
             )
         # every rank draws (their generators stay in step); rank 0's draw is used
-        seed = init_seed if init_seed is not None else (default_seed() if needs_seed(plan) else 0)
-        return plan, _Outcome(digest=_digest(plan), seed=seed)
+        seed = choose_seed(plan, init_seed)
+        options = (dry_run, on_nonfinite, verify_checksums)
+        return plan, _RankOutcome(digest=_digest(plan, options), seed=seed)
 
     plan, mine, own = _attempt(plan_step)
     outcomes = _agree(mine, own, group, world, "planning")
@@ -154,23 +164,22 @@ def load_collective(
         raise InvalidArgumentError(
             f"the ranks made different plans (rank 0 and rank(s) {', '.join(map(str, differ))} "
             "differ). Nothing was loaded on any rank. Every rank must call smartload.load with "
-            "the same model structure, checkpoint and arguments"
+            "the same model structure, checkpoint (the same dtypes and sizes) and arguments"
         )
     assert plan is not None
     seed = outcomes[0].seed  # rank 0's, on every rank
-    checkpoint_bytes = _checkpoint_bytes(plan)
+    checkpoint_bytes = stored_bytes(plan.tensors, plan.sources)
     sharded = sum(1 for e in plan.entries if _is_dtensor(plan.targets[e.key]))
     if dry_run:
         return plan, Distributed(world, checkpoint_bytes, (0,) * world, sharded)
 
-    reader = BoxReader(
-        {} if verify_checksums else plan.sources,
-        Materializer(plan.sources, verify_crc=verify_checksums),
-    )
+    # checksums are checked over whole storages: then every tensor is read whole
+    materializer = Materializer(plan.sources, verify_crc=verify_checksums)
+    reader = BoxReader(plan.sources, materializer, whole=verify_checksums)
 
-    def read_step() -> tuple[dict[str, _Value], _Outcome]:
+    def read_step() -> tuple[dict[str, _Value], _RankOutcome]:
         values = _read_boxes(plan, model, reader, on_nonfinite, seed, rank, world)
-        return values, _Outcome(bytes_read=reader.bytes_read)
+        return values, _RankOutcome(bytes_read=reader.bytes_read)
 
     try:
         values, mine, own = _attempt(read_step)
@@ -189,14 +198,14 @@ def load_collective(
 
 
 def _attempt(
-    step: Callable[[], tuple[_T, _Outcome]],
-) -> tuple[_T | None, _Outcome, Exception | None]:
+    step: Callable[[], tuple[_T, _RankOutcome]],
+) -> tuple[_T | None, _RankOutcome, Exception | None]:
     """Run ``step``; a failure becomes an outcome (the other ranks must hear of it, not hang),
     and is kept to be the cause of the error every rank raises."""
     try:
         value, outcome = step()
     except Exception as exc:  # every failure goes through the agreement; re-raised there
-        return None, _Outcome(failure=_describe_failure(exc)), exc
+        return None, _RankOutcome(failure=_describe_failure(exc)), exc
     return value, outcome, None
 
 
@@ -217,8 +226,8 @@ def _describe_failure(exc: Exception) -> tuple[str, str, dict[str, Any]]:
 
 
 def _agree(
-    mine: _Outcome, own: Exception | None, group: Any, world: int, step: str
-) -> list[_Outcome]:
+    mine: _RankOutcome, own: Exception | None, group: Any, world: int, step: str
+) -> list[_RankOutcome]:
     """Every rank's outcome; raises on every rank when any rank failed (``own``: this rank's
     failure, the cause of what it raises)."""
     outcomes: list[Any] = [None] * world
@@ -252,16 +261,17 @@ def _collective_error(
     return error
 
 
-def _digest(plan: LoadPlan) -> str:
+def _digest(plan: LoadPlan, options: tuple[Any, ...]) -> str:
+    """What the ranks must agree on: every entry, what the checkpoint stores, and the options
+    that change what a rank does (a rank on a dry run would skip the next agreement)."""
     entries = [
-        (e.key, e.action, e.source, e.ckpt_shape, e.model_shape, e.rows, e.dim, e.std, e.fill)
+        (e.key, e.action, e.source, e.ckpt_shape, e.ckpt_dtype, e.model_shape, e.model_dtype)
+        + (e.rows, e.dim, e.std, e.fill)
         for e in plan.entries
     ]
-    return hashlib.sha256(json.dumps(entries, default=str).encode()).hexdigest()
-
-
-def _checkpoint_bytes(plan: LoadPlan) -> int:
-    return stored_bytes(plan.tensors, plan.sources)
+    stored = stored_bytes(plan.tensors, plan.sources)
+    made = json.dumps([entries, plan.format, stored, options], default=str)
+    return hashlib.sha256(made.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,8 +359,8 @@ def _read_boxes(
         box = boxes[entry.key]
         runs = _direct_runs(plan, entry, target, box, reader)
         if runs is not None:
-            if on_nonfinite == "error" and not _finite(reader, runs, entry, box, checked, plan):
-                continue  # read again as a tensor, into checked: its NaN/Inf are counted there
+            if on_nonfinite == "error":
+                _check_runs(reader, runs, entry, box, checked, plan)
             values[entry.key] = runs
             continue
         source = _source_box(plan, model, entry, box, reader, computed, checked, rank, world)
@@ -371,6 +381,7 @@ def _read_boxes(
     if misfits:
         raise dtype_refusal("values that the model's dtype cannot hold", misfits, plan.checkpoint)
     check_writable({k: _local(plan.targets[k]) for k in values}, values)
+    reader.map_files([run for v in values.values() if isinstance(v, list) for run in v])
     return values
 
 
@@ -400,22 +411,22 @@ def _direct_runs(
     return reader.runs(plan.tensors[entry.source], box)
 
 
-def _finite(
+def _check_runs(
     reader: BoxReader,
     runs: list[Run],
     entry: PlanEntry,
     box: Box,
     checked: dict[str, tuple[torch.Tensor, str]],
     plan: LoadPlan,
-) -> bool:
-    """Whether the runs of ``entry`` are all finite; if not, the box is read as a tensor into
-    ``checked``, where its NaN and Inf are counted (a large sum may only have overflowed)."""
+) -> None:
+    """Check the runs of ``entry`` for NaN and Inf; when a sum says they may hold some, read
+    the box as a tensor into ``checked``, where they are counted exactly (or found to be an
+    overflow of a sum of finite values)."""
     dtype = _local(plan.targets[entry.key]).dtype
     if not dtype.is_floating_point or all_finite(reader, runs, dtype):
-        return True
+        return
     assert entry.source is not None
     checked[entry.source] = (reader.read(plan.tensors[entry.source], box), entry.ckpt_dtype or "")
-    return False
 
 
 def _source_box(
@@ -439,7 +450,7 @@ def _source_box(
             computed[root] = compute(model, root, plan.hooked.roots[root], read)
         whole = computed[root][entry.key]
         checked[entry.key] = (whole, dtype)
-        return _cut(entry, whole, box)
+        return source_for(entry, whole, box)
     if entry.action not in ("copy", "slice"):
         return None
     assert entry.source is not None and entry.ckpt_shape is not None
@@ -447,7 +458,7 @@ def _source_box(
     if entry.key in plan.transforms:  # an adapter's conversion: of the whole tensor, then cut
         whole = reader.read(leaf, full_box(entry.ckpt_shape))
         checked[entry.source] = (whole, dtype)
-        return _cut(entry, plan.transforms[entry.key](whole), box)
+        return source_for(entry, plan.transforms[entry.key](whole), box)
     if entry.action == "copy":
         got = reader.read(leaf, box)
         if entry.source not in checked:
@@ -464,24 +475,14 @@ def _source_box(
     return reader.read_rows(leaf, across, entry.dim, [r for _, r in pairs])
 
 
-def _cut(entry: PlanEntry, whole: torch.Tensor, box: Box) -> torch.Tensor:
-    """What :func:`new_value` takes for ``box`` from a whole source tensor."""
-    if entry.action != "slice":
-        return whole[tuple(slice(a, b) for a, b in box)]
-    pairs = slice_pairs(entry, box)
-    rows = whole.index_select(entry.dim, torch.tensor([r for _, r in pairs], dtype=torch.long))
-    return rows[
-        tuple(slice(None) if d == entry.dim else slice(a, b) for d, (a, b) in enumerate(box))
-    ]
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def _write(plan: LoadPlan, values: Mapping[str, _Value], reader: BoxReader) -> None:
     """Copy into each local shard (``copy_`` under ``no_grad``: FSDP2's sharded storage, and
-    parameter identity, are kept). Nothing here can fail: shapes and dtypes are checked."""
+    parameter identity, are kept). Shapes and dtypes are checked and the files mapped: nothing
+    here fails, short of a file being cut short under its map."""
     with torch.no_grad():
         for key, value in values.items():
             if isinstance(value, list):

@@ -220,6 +220,52 @@ def test_a_chunk_only_the_last_rank_reads_is_broken(ranks: list[dict[str, Any]])
         assert result["untouched"] is True
 
 
+def test_finite_half_precision_values_whose_sum_overflows_are_loaded(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for rank in ranks:
+        result = rank["half_precision_sums_overflow"]
+        assert result["error"] is None and result["all_twos"] is True
+        assert result["report"]["summary"]["copy"] == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        (
+            "meta_model_with_a_group",
+            "InvalidArgumentError",
+            "ranks 0, 1: 8 model tensor(s) are on the meta device (body.0.bias, body.0.weight, "
+            "body.2.bias, body.2.weight, head.bias ...): a collective load copies into the tensors "
+            "each rank has.",
+        ),
+        (
+            "dry_run_on_rank1_only",
+            "InvalidArgumentError",
+            "the ranks made different plans (rank 0 and rank(s) 1 differ).",
+        ),
+        (
+            "report_path_unwritable_on_rank0",
+            "InvalidArgumentError",
+            "rank 0: report_path '{root}/not_a_directory/report.json' cannot be written",
+        ),
+        (
+            "dcp_bit_flip_with_checksums",
+            "CheckpointFormatError",
+            "ranks 0, 1: {root}/dcp_flipped/__0_0.distcp: CRC mismatch in the chunk at byte",
+        ),
+    ],
+)
+def test_arguments_that_would_put_ranks_out_of_step_are_agreed_on(
+    ranks: list[dict[str, Any]], name: str, error: str, message: str
+) -> None:
+    root = ranks[0]["checkpoints"]
+    for rank in ranks:
+        result = rank[name]
+        assert (result["error"], result["untouched"]) == (error, True)
+        assert result["message"].startswith(message.format(root=root)), result["message"]
+
+
 def test_report_is_written_by_rank_0_only(ranks: list[dict[str, Any]]) -> None:
     result = ranks[0]["report_file"]
     assert result["file"] == result["report"] == ranks[1]["report_file"]["report"]

@@ -184,7 +184,11 @@ def local_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(_local(v), before[k]) for k, v in model.state_dict().items())
+    """Every tensor as it was (on the meta device: still there, still on meta)."""
+    return all(
+        _local(v).is_meta if before[k].is_meta else torch.equal(_local(v), before[k])
+        for k, v in model.state_dict().items()
+    )
 
 
 def rchar() -> int:
@@ -356,6 +360,55 @@ def dcp_chunk_broken_on_last_rank(root: Path) -> dict[str, Any]:
     return run_load(fsdp(build(10, width=WIDE)), root / "dcp_broken")
 
 
+def half_precision_sums_overflow(root: Path) -> dict[str, Any]:
+    """Finite float16 values whose float16 sum overflows: loaded, not taken for Inf."""
+    torch.manual_seed(0)
+    model = nn.Linear(200, 200).half().to(_device())
+    path = root / "twos_fp16.safetensors"
+    if dist.get_rank() == 0:
+        save_file({"weight": torch.full((200, 200), 2.0).half(), "bias": torch.zeros(200).half()},
+                  path)  # fmt: skip
+    dist.barrier()
+    result = run_load(model, path, process_group=dist.group.WORLD)
+    result["all_twos"] = bool((model.weight == 2).all())
+    return result
+
+
+def meta_model_with_a_group(root: Path) -> dict[str, Any]:
+    with torch.device("meta"):
+        model = Net(10)
+    return run_load(model, root / "model.safetensors", num_classes=10,
+                    process_group=dist.group.WORLD)  # fmt: skip
+
+
+def dry_run_on_rank1_only(root: Path) -> dict[str, Any]:
+    model = fsdp(build(10))
+    return run_load(model, root / "model.safetensors", num_classes=10,
+                    dry_run=dist.get_rank() == 1)  # fmt: skip
+
+
+def report_path_unwritable_on_rank0(root: Path) -> dict[str, Any]:
+    model = fsdp(build(10))
+    blocked = root / "not_a_directory"
+    blocked.touch()
+    return run_load(model, root / "model.safetensors", num_classes=10,
+                    report_path=blocked / "report.json")  # fmt: skip
+
+
+def dcp_bit_flip_with_checksums(root: Path) -> dict[str, Any]:
+    """One flipped bit in a chunk: verify_checksums finds it (each chunk archive has a CRC)."""
+    flipped = root / "dcp_flipped"
+    if dist.get_rank() == 0 and not flipped.exists():
+        shutil.copytree(root / "dcp_same", flipped)
+        first = sorted(flipped.glob("*.distcp"))[0]
+        data = bytearray(first.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        first.write_bytes(bytes(data))
+    dist.barrier()
+    model = fsdp(build(10, width=WIDE))
+    return run_load(model, flipped, init_seed=SEED, verify_checksums=True)
+
+
 def report_file(root: Path) -> dict[str, Any]:
     model = fsdp(build(10))
     path = root / "report.json"
@@ -397,6 +450,11 @@ SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "dcp_hostile_metadata": dcp_hostile_metadata,
     "dcp_chunk_broken_on_last_rank": dcp_chunk_broken_on_last_rank,
     "report_file": report_file,
+    "half_precision_sums_overflow": half_precision_sums_overflow,
+    "meta_model_with_a_group": meta_model_with_a_group,
+    "dry_run_on_rank1_only": dry_run_on_rank1_only,
+    "report_path_unwritable_on_rank0": report_path_unwritable_on_rank0,
+    "dcp_bit_flip_with_checksums": dcp_bit_flip_with_checksums,
 }
 
 
