@@ -8,7 +8,10 @@ decides whether smartload refuses the file and names what it found; the data lis
 Both are judged on names alone: whole top-level packages, module prefixes, patterns of names
 within one module, and exact names. The hostile list follows families (every loader of another
 format, every way to start a process, import a module or open a file), as scanners' deny lists
-that name single functions keep being bypassed by the function next door.
+that name single functions keep being bypassed by the function next door. An attribute that a
+method reference reaches through getattr (``getattr(Detect, "forward")``, as pickle protocols
+0-3 write ``Detect.forward``) is judged as the global ``module.Detect.forward`` (see
+``_unpickler._Getattr``).
 """
 
 from __future__ import annotations
@@ -118,9 +121,13 @@ _BENIGN_BUILTINS = frozenset(
     object Ellipsis NotImplemented unicode long basestring""".split()
 )
 _BUILTIN_MODULES = ("builtins", "__builtin__", "__builtins__")
-# names in hostile families that run nothing: how a pickled logging.Logger comes back, and
-# Python 2's str → bytes (smartload builds it)
-_NOT_HOSTILE = frozenset({"logging.getLogger", "_codecs.encode"})
+# names in hostile families that run nothing: how a pickled logging.Logger comes back,
+# Python 2's str → bytes (smartload builds it), and in-memory buffers (older torchtitan train
+# states hold io.BytesIO; its class is _io.BytesIO): made from bytes or text, they touch no file
+# (_io.open, FileIO, the Buffered* and TextIOWrapper classes that wrap one stay hostile)
+_NOT_HOSTILE = frozenset(
+    """logging.getLogger _codecs.encode _io.BytesIO _io.StringIO io.BytesIO io.StringIO""".split()
+)
 # the standard library's private modules (_socket, _posixsubprocess, _pickle ...): internals
 # that honest pickles never name
 _PRIVATE_STDLIB = frozenset(m for m in sys.stdlib_module_names if m.startswith("_"))
@@ -188,8 +195,9 @@ def _module_reason(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] in _HOSTILE_PACKAGES or parts[0] in _PRIVATE_STDLIB:
         return f"module {parts[0]!r} can run code or touch the system"
-    # __main__: classes of the script that saved the file (torch.save(model) from a notebook)
-    if module.startswith("__") and module != "__main__":
+    # __main__: classes of the script that saved the file (torch.save(model) from a notebook),
+    # and their methods (__main__.Model, reached through getattr)
+    if module.startswith("__") and parts[0] != "__main__":
         return _RUNS_CODE
     prefixes = (".".join(parts[:n]) for n in range(1, len(parts) + 1))
     return _RUNS_CODE if any(p in _PREFIX_SET for p in prefixes) else None

@@ -11,7 +11,10 @@ function or class. It returns one of:
 - a *marker* for names that are only data (storage types, CUDA ones included, dtypes);
 - an inert *stand-in class* for everything else (``argparse.Namespace``, ``datetime.datetime``, a
   Lightning ``AttributeDict`` ...): calling it, ``NEWOBJ``, ``BUILD``, ``SETITEM`` and ``APPEND``
-  only record what the pickle asked for.
+  only record what the pickle asked for;
+- for ``builtins.getattr``, a builder judged by its call (:class:`_Getattr`): a method reference
+  as protocols 0-3 write it, ``getattr(Detect, "forward")``, is a stand-in named
+  ``module.Detect.forward``; any other call is hostile.
 
 A pickled ``nn.Module`` (``torch.save(model)``, YOLO ``.pt`` files) comes out as a tree of such
 stand-ins: ``NEWOBJ`` (or ``copyreg._reconstructor``) makes one without calling anything and
@@ -192,8 +195,9 @@ class _StandInType(type):
 
 
 def is_stand_in_class(obj: Any) -> bool:
-    """A class the file named that became an inert stand-in (not a builder, marker or hostile)."""
-    return isinstance(obj, _StandInType) and obj.calls is None
+    """A class the file named that became an inert stand-in (not a builder, marker, hostile
+    global or attribute reached through getattr)."""
+    return type(obj) is _StandInType and obj.calls is None
 
 
 class _StandInBuild:
@@ -243,6 +247,134 @@ class _StandInBase(metaclass=_StandInType):
         self.record.listitems.extend(values)
 
 
+class _AttributeType(_StandInType):
+    """Metaclass of the stand-ins of attributes reached through ``builtins.getattr``: a method
+    reference is data while it is only stored; calling it is what makes getattr an escape."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise _called(cls.qualname)
+
+
+class _AttributeBase(_StandInBase):
+    __slots__ = ()
+
+    def __new__(cls, *args: Any) -> Any:  # NEWOBJ, copyreg._reconstructor
+        raise _called(cls.qualname)
+
+
+def _called(qualname: str) -> Refused:
+    return Refused(
+        f"the pickle calls {qualname}, which it reached through builtins.getattr",
+        hostile=_GETATTR,
+    )
+
+
+class _Types:
+    """The stand-in classes of one pickle, by name: those ``find_class`` hands out and those of
+    the attributes ``getattr`` reaches. Holds nothing that holds the unpickler (see
+    :func:`_builders`)."""
+
+    __slots__ = ("attributes", "budget", "by_name", "calls")
+
+    def __init__(self, calls: list[str], budget: _CopyBudget) -> None:
+        self.by_name: dict[str, type] = {}
+        self.attributes: dict[str, type] = {}
+        self.calls = calls  # for hostile globals: what the file would have run, described
+        self.budget = budget
+
+    def stand_in(self, qualname: str, hostile: bool = False) -> type:
+        cls = self.by_name.get(qualname)
+        if cls is None:
+            cls = self.by_name[qualname] = self._new(_StandInType, _StandInBase, qualname, hostile)
+        return cls
+
+    def attribute(self, qualname: str) -> type:
+        cls = self.attributes.get(qualname)
+        if cls is None:
+            cls = self._new(_AttributeType, _AttributeBase, qualname, False)
+            self.attributes[qualname] = cls
+        return cls
+
+    def _new(self, meta: type, base: type, qualname: str, hostile: bool) -> type:
+        if len(self.by_name) + len(self.attributes) >= _MAX_GLOBALS:
+            raise Refused(f"more than {_MAX_GLOBALS} distinct globals")
+        attrs = {
+            "qualname": qualname,
+            "calls": self.calls if hostile else None,
+            "budget": self.budget,
+            "__slots__": (),  # one object per call or NEWOBJ: no __dict__ each
+        }
+        cls: type = meta(qualname.rpartition(".")[2], (base,), attrs)
+        return cls
+
+
+class _Getattr(_NoBuild):
+    """``builtins.getattr`` as find_class hands it out, judged by its call.
+
+    Pickle protocols 0-3 cannot name a function defined in a class (yolov5's ``Segment`` keeps
+    ``self.detect = Detect.forward``) and write ``getattr(Detect, "forward")`` instead. That
+    call, with a global that became a stand-in and a public attribute name
+    (:func:`_is_public_name`), is the attribute: an inert stand-in named ``module.Class.name``,
+    judged as a global of that name (UNKNOWN for a model's class; hostile for
+    ``getattr(torch.jit, "load")``, and for ``getattr(somemodule.os, "system")``: see
+    :func:`_alias`), which refuses to be called. Every other call is hostile (with
+    ``allow_globals=["builtins.getattr"]``, an inert record of the call). The pre-scan
+    (:class:`_Names`) applies the same rule to the opcodes, and also requires the method
+    reference to be kept only as a dict value or as what the pickle returns: never an argument,
+    never called."""
+
+    qualname = "builtins.getattr"
+
+    def __init__(self, types: _Types, seen: dict[str, None], allowed: frozenset[str]) -> None:
+        self.types = types
+        self.seen = seen
+        self.allowed = allowed
+
+    def __call__(self, *args: Any) -> Any:
+        if len(args) == 2 and _is_reference(args[0]) and _is_public_name(args[1]):
+            qualname = f"{args[0].qualname}.{args[1]}"
+            for name in (qualname, _alias(args[0].qualname, args[1])):
+                if (reason := _hostility(name, args[1], self.allowed)) is not None:
+                    raise Refused(reason, hostile=name)
+            self.seen.setdefault(qualname, None)
+            return self.types.attribute(qualname)
+        if _GETATTR in self.allowed:  # accepted by name: an inert record, as any global
+            self.seen.setdefault(_GETATTR, None)
+            return self.types.stand_in(_GETATTR)(*args)
+        shown = ", ".join(brief(getattr(a, "qualname", a), limit=80) for a in args[:3])
+        raise Refused(
+            f"getattr({shown}) is not a reference to a method of a class the pickle names",
+            hostile=_GETATTR,
+        )
+
+
+_GETATTR = "builtins.getattr"
+
+
+def _alias(qualname: str, attr: str) -> str:
+    """``os.system`` for ``yolov5.utils.general.os`` and ``system``: what the attribute is when
+    the global is a module imported under its own name (GLOBAL cannot name it that way, getattr
+    can). A reached attribute is hostile when this name is: naming os.system through a module
+    that imports os is naming os.system."""
+    return f"{qualname.rpartition('.')[2]}.{attr}"
+
+
+def _is_reference(obj: Any) -> bool:
+    """Whether ``obj`` is a global as ``find_class`` handed it out as a stand-in (not a call's
+    result, an attribute reached through getattr, or one of smartload's builders and markers:
+    torch's and numpy's internals, whose methods no honest pickle references)."""
+    return type(obj) is _StandInType
+
+
+def _is_public_name(name: Any) -> bool:
+    """An attribute name getattr may take in a method reference: a plain ASCII identifier that
+    does not start with ``_``. That keeps out every dunder (``__globals__``, ``__init__``,
+    ``__reduce__``, ``__subclasses__``, ``__builtins__``: the ways from an object to the
+    interpreter) and the private helpers a package does not mean to be called from outside
+    (``_load_from_bytes``); methods that honest pickles reference are public."""
+    return type(name) is str and name.isascii() and name.isidentifier() and name[0] != "_"
+
+
 # --------------------------------------------------------------------------------------------------
 # the unpickler
 
@@ -270,19 +402,22 @@ class _Unpickler(pickle.Unpickler):
         self.calls: list[str] = []  # calls of hostile globals, described (never made)
         # set through the C unpickler's own attribute: no Python frame of ours in between
         self.persistent_load = persistent_load or _no_persistent_ids  # type: ignore[method-assign]
-        self._types: dict[str, type] = {}
         self.budget = _CopyBudget()
+        self._types = _Types(self.calls, self.budget)
         self._builders = _builders(symbolic, self.budget)
+        self._getattr = _Getattr(self._types, self.globals_seen, allow_globals)
 
     # -- called by the pickle machine ---------------------------------------------------------
 
     def find_class(self, module: str, name: str) -> Any:
         qualname, name = _qualname(module, name)
+        if qualname == _GETATTR:  # judged by its call: a method reference is data
+            return self._getattr
         self.globals_seen.setdefault(qualname, None)
         if (reason := _hostility(qualname, name, self.allow_globals)) is not None:
             self._hostile(qualname, reason)
-            return self._stand_in_type(qualname, hostile=True)
-        return self._builders.get(qualname) or marker(qualname) or self._stand_in_type(qualname)
+            return self._types.stand_in(qualname, hostile=True)
+        return self._builders.get(qualname) or marker(qualname) or self._types.stand_in(qualname)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -296,21 +431,6 @@ class _Unpickler(pickle.Unpickler):
         if qualname not in self.hostile:
             self.hostile.append(qualname)
             self.problems.append(f"{qualname}: {reason}")
-
-    def _stand_in_type(self, qualname: str, hostile: bool = False) -> type:
-        cls = self._types.get(qualname)
-        if cls is None:
-            if len(self._types) >= _MAX_GLOBALS:
-                raise Refused(f"more than {_MAX_GLOBALS} distinct globals")
-            attrs = {
-                "qualname": qualname,
-                "calls": self.calls if hostile else None,
-                "budget": self.budget,
-                "__slots__": (),  # one object per call or NEWOBJ: no __dict__ each
-            }
-            cls = _StandInType(qualname.rpartition(".")[2], (_StandInBase,), attrs)
-            self._types[qualname] = cls
-        return cls
 
 
 def _qualname(module: str, name: str) -> tuple[str, str]:
@@ -343,8 +463,10 @@ def hostile_names(
 
 def walk_names(data: Any, start: int, named: list[tuple[str, str]]) -> int:
     """Pre-scan the pickle at ``data[start:]`` (bytes or mmap), appending to ``named`` the
-    ``(module, name)`` of each global it names; returns the offset after its STOP. Raises
-    :class:`Refused` or ValueError where it cannot go on (``named`` holds those before)."""
+    ``(module, name)`` of each global it names (``("module.Class", "name")`` for an attribute
+    a method reference reaches through getattr: see :class:`_Names`); returns the offset after
+    its STOP. Raises :class:`Refused` or ValueError where it cannot go on (``named`` holds those
+    before)."""
     return _walk(data, start, named)
 
 
@@ -425,8 +547,11 @@ def _walk(data: Any, i: int, named: list[tuple[str, str]] | None = None) -> int:
                 push(0)
                 continue
             if op == 0x68:  # BINGET
-                push(get(data[i], 0))
+                top = get(data[i], 0)
+                push(top)
                 i += 1
+                if type(top) is _Tracked:
+                    top.copies += 1
                 continue
             if op == 0x28:  # MARK
                 mark(len(stack))
@@ -438,15 +563,18 @@ def _walk(data: Any, i: int, named: list[tuple[str, str]] | None = None) -> int:
             if op == 0x74:  # TUPLE
                 at = marks.pop()
                 depth = max(stack[at:], default=0)
-                depth = depth + 1 if depth > 0 else 1
+                if type(depth) is _Ref and len(stack) - at == 2:  # (a global, ...)
+                    depth = _pair(stack[at], stack[at + 1])
+                else:
+                    depth = depth + 1 if depth > 0 else 1
                 del stack[at:]
                 if depth > too_deep:
                     raise Refused(f"tuples nested more than {too_deep} deep")
                 push(depth)
                 continue
             if op == 0x52:  # REDUCE
-                pop()
-                stack[-1] = 0
+                args = pop()
+                stack[-1] = names.call(stack[-1], args) if type(stack[-1]) is _Tracked else 0
                 continue
             if op == 0x29:  # EMPTY_TUPLE
                 push(1)
@@ -498,9 +626,16 @@ def _walk(data: Any, i: int, named: list[tuple[str, str]] | None = None) -> int:
                 push(-arg)
                 continue
             if kind == _STOP:
+                if names.result:  # what the pickle returns is kept, as a dict's values are
+                    names.stored(stack[-1:])
                 return i
             if kind == _GLOBAL or op == 0x69:  # GLOBAL, STACK_GLOBAL, INST
-                names.add(op, arg, i, stack)
+                named_global = names.add(op, arg, i, stack)
+            elif names.result and (op == 0x75 or op == 0x73 or op == 0x64):
+                # SETITEMS, SETITEM, DICT: the values go into a dict
+                names.stored(stack[-1:] if op == 0x73 else stack[marks[-1] + 1 :: 2])
+            elif op == 0x92:  # NEWOBJ_EX
+                names.keywords = True
             if op == 0x30 and marks and marks[-1] == len(stack):  # POP right after a MARK
                 marks.pop()  # C drops the mark, not the item below it
                 continue
@@ -516,10 +651,15 @@ def _walk(data: Any, i: int, named: list[tuple[str, str]] | None = None) -> int:
                 del stack[at - pops :]
             elif kind == _TUPLE_N:
                 depth = max(stack[-pops:])
-                depth = depth + 1 if depth > 0 else 1
+                if type(depth) is _Ref and pops == 2:  # TUPLE2 of (a global, ...)
+                    depth = _pair(stack[-2], stack[-1])
+                else:
+                    depth = depth + 1 if depth > 0 else 1
                 del stack[-pops:]
             elif kind == _KEEP:  # DUP, READONLY_BUFFER: the top item's depth carries over
                 depth = stack[-1]
+                if type(depth) is _Tracked:
+                    depth.copies += pushes - pops
                 del stack[-pops:]
             elif pops:
                 if len(stack) - pops < (marks[-1] if marks else 0):  # C's fence: the last mark
@@ -543,15 +683,20 @@ def _walk(data: Any, i: int, named: list[tuple[str, str]] | None = None) -> int:
                 continue
             elif kind == _GET:
                 depth = get(_int_arg(data, arg, i, argmode), 0)
+                if type(depth) is _Tracked:
+                    depth.copies += 1
             elif kind == _GLOBAL:
                 globals_named += 1
                 if globals_named > _MAX_GLOBALS * 10:  # real pickles memoize repeated globals
                     raise Refused(f"more than {_MAX_GLOBALS * 10} global lookups")
+                depth = named_global
             if depth > too_deep:
                 raise Refused(f"tuples nested more than {too_deep} deep")
             stack.extend([depth] * pushes)
     except (IndexError, struct.error):  # past the data's end, or popping an empty stack
         raise ValueError("the pickle is truncated, or its stack or marks do not balance") from None
+    finally:  # getattr, judged by all it was used for (up to where the walk stopped)
+        names.finish(reput=len(filled) < limit - gap)
     raise ValueError("the pickle ends before its STOP opcode")
 
 
@@ -562,35 +707,169 @@ class _Names:
     """The ``(module, name)`` of every global a pickle names, for :func:`_walk`: the text of
     each GLOBAL and INST, and the two strings under each STACK_GLOBAL, followed through the
     memo. Each name is cut to :data:`_NAME_CHARS` (a cut one ends in "..."), and at most
-    ``10 * _MAX_GLOBALS`` are kept: the walk refuses more global lookups than that anyway."""
+    ``10 * _MAX_GLOBALS`` are kept: the walk refuses more global lookups than that anyway.
 
-    __slots__ = ("data", "out", "seen")
+    ``builtins.getattr`` is named only if the pickle uses it for anything but a method
+    reference (see :class:`_Getattr`): the walk follows each copy of it and of what it returned
+    (:class:`_Tracked`). It is data only when every copy of getattr is called (REDUCE) with a
+    tuple of a global that becomes a stand-in, as GLOBAL or STACK_GLOBAL pushed it, and a
+    public name (:func:`_is_public_name`); when every copy of what that returned goes into a
+    dict as a value (an object's ``__dict__``) or is what the pickle returns: never called,
+    never an argument; when no memo index is written twice (the walk follows the memo by
+    index; C reads the last write); and when the pickle has no NEWOBJ_EX (whose dict of
+    keyword arguments hands its values to a constructor: ``itertools.accumulate(...,
+    func=...)`` calls it). Each such call names ``module.Class.name`` instead, judged as a
+    global (and its alias, where that is hostile: see :func:`_alias`). Protocols 0-3, which
+    write method references this way, have no NEWOBJ_EX and never write a memo index twice."""
+
+    __slots__ = (
+        "at", "attributes", "data", "getattr", "getattr_names", "keywords", "out", "result",
+        "seen", "texts",
+    )  # fmt: skip
 
     def __init__(self, data: Any, out: list[tuple[str, str]] | None) -> None:
         self.data = data
         self.out = out
         self.seen: set[tuple[str, str]] = set()
+        self.attributes: set[tuple[str, str]] = set()  # module.Class, name: reached by getattr
+        self.getattr: _Tracked | None = None  # getattr, as the walk follows it
+        self.getattr_names: list[tuple[str, str]] = []  # how the pickle named it
+        self.at = 0  # where in ``out`` it was first named
+        # what getattr returned in method references, all counted as one (each use takes a
+        # copy: the counts agree in sum only if they agree for each)
+        self.result: _Tracked | None = None
+        self.texts: dict[int, str | None] = {}  # attribute names, by where their text is
+        self.keywords = False  # a NEWOBJ_EX seen
 
-    def add(self, op: int, arg: int, end: int, stack: list[int]) -> None:
-        """Note the global named by the opcode ``op`` whose argument spans ``arg:end``."""
-        if self.out is None or len(self.seen) >= 10 * _MAX_GLOBALS:
-            return
+    def add(self, op: int, arg: int, end: int, stack: list[int]) -> int:
+        """Note the global named by the opcode ``op`` whose argument spans ``arg:end``; returns
+        what the opcode pushes, as the walk follows it: the global (GLOBAL, STACK_GLOBAL) or 0
+        (the result of INST's call, or a global the walk does not follow)."""
+        if self.out is None or len(self.seen) >= 10 * _MAX_GLOBALS + len(self.attributes):
+            return 0  # (seen also holds aliases of attributes: at most one each)
         data = self.data
         if op == 0x93:  # STACK_GLOBAL: two strings on the stack, or the unpickler refuses it
             if len(stack) < 2 or stack[-1] >= 0 or stack[-2] >= 0:
-                return
+                return 0
             module, name = _text_at(data, -stack[-2]), _text_at(data, -stack[-1])
             if module is None or name is None:
-                return
+                return 0
         else:  # GLOBAL, INST: "module\nname\n"
             newline = data.find(b"\n", arg, end)
             if newline < 0:
-                return
+                return 0
             module = _cut(bytes(data[arg : min(newline, arg + _NAME_CHARS + 1)]))
             name = _cut(bytes(data[newline + 1 : min(end - 1, newline + _NAME_CHARS + 2)]))
+        pushed: int = 0
+        if op != 0x69 and name.isidentifier() and all(map(str.isidentifier, module.split("."))):
+            qualname = _qualname(module, name)[0]
+            if qualname == _GETATTR:  # named only if it is used otherwise (see finish)
+                if not self.getattr_names:
+                    self.at = len(self.out)
+                if (module, name) not in self.getattr_names:
+                    self.getattr_names.append((module, name))
+                self.getattr = self.getattr or _Tracked()
+                self.getattr.copies += 1
+                return self.getattr
+            if qualname not in _BUILDER_NAMES and marker(qualname) is None:  # a stand-in's
+                pushed = _Ref(qualname)
+        self._note(module, name)
+        return pushed
+
+    def call(self, fn: _Tracked, args: int) -> int:
+        """REDUCE of ``fn``, a tracked value: what it pushes, as the walk follows it."""
+        if fn is self.getattr and type(args) is _Pair:
+            attr = self.texts.get(args.at, "")
+            if attr == "":
+                attr = self.texts[args.at] = _text_at(self.data, args.at)
+            if attr is not None and _is_public_name(attr) and len(self.attributes) < _MAX_GLOBALS:
+                fn.uses += 1
+                reached = (args.ref.qualname, attr)
+                if reached not in self.attributes:
+                    self.attributes.add(reached)
+                    self.out.append(reached)  # type: ignore[union-attr]
+                    alias = _alias(args.ref.qualname, attr)
+                    if _hostility(alias, attr, frozenset()) is not None:
+                        self._note(*alias.rsplit(".", 1))
+                self.result = self.result or _Tracked()
+                self.result.copies += 1
+                return self.result
+        return 0  # getattr called otherwise, or what it returned called: not counted as used
+
+    def stored(self, values: list[int]) -> None:
+        """``values`` go into a dict as its values, or are what the pickle returns."""
+        for value in values:
+            if value is self.result:
+                self.result.uses += 1
+
+    def finish(self, reput: bool) -> None:
+        """After the walk, or where it stopped: name getattr unless every copy of it, and of
+        what it returned, went where a method reference goes (``reput``: a memo index was
+        written twice)."""
+        if self.getattr is None or self.out is None:
+            return
+        used = all(t.copies == t.uses for t in (self.getattr, self.result) if t is not None)
+        if used and not reput and not self.keywords:
+            return
+        # where the pickle first named it, so that globals are listed in the pickle's order
+        new = [n for n in self.getattr_names if n not in self.seen]
+        self.seen.update(new)
+        self.out[self.at : self.at] = new
+
+    def _note(self, module: str, name: str) -> None:
         if (module, name) not in self.seen:
             self.seen.add((module, name))
-            self.out.append((module, name))
+            self.out.append((module, name))  # type: ignore[union-attr]
+
+
+class _Ref(int):
+    """A global on the walk's stack: 0 (neither a tuple nor a string) that memoizes (true)."""
+
+    qualname: str
+
+    def __new__(cls, qualname: str) -> _Ref:
+        self = int.__new__(cls, 0)
+        self.qualname = qualname
+        return self
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class _Tracked(int):
+    """getattr, or what it returned, on the walk's stack: how many copies the pickle made of it
+    (pushed, fetched from the memo, DUP) and how many went where they are data."""
+
+    copies: int
+    uses: int
+
+    def __new__(cls) -> _Tracked:
+        self = int.__new__(cls, 0)
+        self.copies = self.uses = 0
+        return self
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class _Pair(int):
+    """A tuple of a global and a string (the text at ``at``): depth 1, as any flat tuple."""
+
+    ref: _Ref
+    at: int
+
+    def __new__(cls, ref: _Ref, at: int) -> _Pair:
+        self = int.__new__(cls, 1)
+        self.ref = ref
+        self.at = at
+        return self
+
+
+def _pair(first: int, second: int) -> int:
+    """The depth of a 2-tuple whose first item is a global: a :class:`_Pair` with a string."""
+    if second < 0 and type(first) is _Ref and type(second) is int:
+        return _Pair(first, -second)
+    return 1
 
 
 _NAME_CHARS = 160  # longer than any real module path or name

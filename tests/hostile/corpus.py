@@ -543,7 +543,11 @@ _SAMPLE_GLOBALS: dict[str, list[str]] = {
     "picklescan/io_FileIO.pkl": ["_io.FileIO"],
     "picklescan/keyerror-exploit.pkl": ["os.system"],
     "picklescan/logging_FileHandler.pkl": ["logging.FileHandler"],
-    "picklescan/malicious0.pkl": ["builtins.globals", "builtins.compile", "builtins.eval", "builtins.getattr", "builtins.apply"],
+    # getattr(dict, "get") is passed to apply: not a method reference kept as data
+    "picklescan/malicious0.pkl": [
+        "builtins.globals", "builtins.compile", "builtins.eval", "builtins.getattr",
+        "builtins.dict.get", "builtins.apply",
+    ],
     "picklescan/malicious1.zip": ["builtins.eval"],  # data.pkl at the root: not a torch archive
     "picklescan/malicious10.pkl": ["builtins.exec"],
     "picklescan/malicious11.pkl": ["os.system"],  # protocol 0 without PROTO, names from the memo

@@ -18,6 +18,7 @@ import sys
 import time
 import types
 import uuid
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import Payload, make_net
+from conftest import Payload, assert_same_tensors, make_net
 from omegaconf import OmegaConf
 from pickle_asm import ORDERED_DICT, REBUILD, Call, Global, assemble, tensor, torch_zip
 from safetensors.torch import save_file
@@ -263,6 +264,8 @@ HOSTILE = [
     "compileall.compile_dir", "py_compile.compile", "ensurepip._run_pip", "distutils.file_util.write_file",
     # files, archives, network
     "tarfile.open", "zipfile.ZipFile", "gzip.open", "codecs.open", "_io.FileIO", "io.open",
+    "_io.open", "_io.open_code", "_io.TextIOWrapper", "_io.BufferedReader", "_io.BufferedWriter",
+    "_io.BufferedRandom", "io.FileIO",
     "logging.FileHandler", "logging.StreamHandler", "logging.handlers.SocketHandler",
     "logging.config.fileConfig", "imaplib.IMAP4_stream", "smtplib.SMTP", "ssl.get_server_certificate",
     "socketserver.TCPServer", "requests.api.get", "aiohttp.client.ClientSession",
@@ -507,6 +510,36 @@ def test_a_pickled_logger_is_unknown_not_hostile(tmp_path: Path) -> None:
     path = _naming("logging.getLogger")(tmp_path)
     assert smartload.inspect(path).unknown_globals == ("logging.getLogger",)
     assert hostile_reason("logging.Logger") is not None
+
+
+@pytest.mark.parametrize("buffer", [io.BytesIO(b"\x00\x01step"), io.StringIO("step 7")])
+@pytest.mark.parametrize("saved", ["torch file", "dcp"])
+def test_in_memory_buffers_are_unknown_not_hostile(
+    buffer: io.IOBase, saved: str, tmp_path: Path
+) -> None:
+    """A train state holding an ``io.BytesIO`` (older torchtitan saves) or ``io.StringIO``:
+    pickled as ``_io.BytesIO``, a buffer made from bytes or text that opens no file. UNKNOWN
+    naming it (torch's weights_only refuses it), and the weights load; in a DCP directory the
+    item is walked, never unpickled. _io's files stay hostile (HOSTILE above)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    sd = _weights()
+    state = {"model": sd, "train_state": {"step": 7, "buffer": buffer}}
+    path = tmp_path / "step-7"
+    if saved == "dcp":
+        with warnings.catch_warnings():  # a one-process save, without a process group
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.save(state, storage_writer=FileSystemWriter(path))
+    else:
+        torch.save(state, path)
+    qualname = f"_io.{type(buffer).__name__}"
+    info = smartload.inspect(path)
+    assert (info.verdict, info.unknown_globals) == ("UNKNOWN", (qualname,))
+    assert hostile_reason(qualname) is None and not is_known_data(qualname)
+    model = make_net(10, seed=2)
+    smartload.load(model, path)
+    assert_same_tensors(model.state_dict(), sd)
 
 
 # --------------------------------------------------------------------------------------------------
