@@ -14,14 +14,19 @@ key to its path: ``"model.fc.weight"`` → ``("model", "fc.weight")``). Tensors 
 :class:`ChunkedRecord` s whose chunks must tile them exactly; the other values (BYTE_IO items:
 ``epoch``, optimizer ``param_groups`` ...) become :class:`BytesItem` s: pickles that ``dcp.load``
 would run, never unpickled here, but pre-scanned for the globals they name (``_dcp_items.py``):
-a hostile one refuses the directory, unknown ones make it UNKNOWN, as in any file. What the
+a hostile one refuses the directory, unknown ones make it UNKNOWN, as in any file. So are the
+tensor items' ``data.pkl`` (below). Every item is found and scanned before a problem with the
+metadata is raised, so a hostile pickle is reported first, whatever else is wrong. What the
 metadata makes smartload do besides unpickling it is priced by its size (:class:`_Work`).
 
 Where a chunk's bytes lie (:func:`chunk_source`):
 
-- default layout: each item is a whole ``torch.save`` archive of the chunk; its zip directory and
-  small ``data.pkl`` are read when the chunk is first read, with ``_formats.py``'s readers, and
-  checked against the metadata;
+- default layout: each item is a whole ``torch.save`` archive of the chunk. With the directory,
+  each item's ``data.pkl`` (at most 64 KiB, a few hundred bytes in practice) is pre-scanned for
+  the globals it names, like the bytes items (``_dcp_items.py``): a hostile one refuses the
+  directory up front, an unknown one makes it UNKNOWN. Its zip directory and ``data.pkl`` are
+  read when the chunk is first read, with ``_formats.py``'s readers and the restricted
+  unpickler, and checked against the metadata;
 - ``SerializationFormat.SAFETENSORS``: each ``.distcp`` file ends with one safetensors blob that
   holds its rank's chunks by key, and the metadata gives every chunk the blob's offset only. The
   blob's header is read with the directory (once per file) and each chunk records where its own
@@ -30,6 +35,7 @@ Where a chunk's bytes lie (:func:`chunk_source`):
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import json
@@ -39,21 +45,33 @@ import os
 import pickle
 import stat
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple, NoReturn, TypeGuard
 
-from ._dcp_items import BytesItem, ItemRef, UnscannedItem, scan_items
+from ._dcp_items import (
+    MAX_TENSOR_PICKLE,
+    TOO_LARGE_HINT,
+    BytesItem,
+    ChunkItem,
+    ItemRef,
+    UnscannedItem,
+    item_pickle,
+    pickle_key,
+    scan_items,
+    too_large,
+)
 from ._formats import (
     _SAFETENSORS_MAX_HEADER,
     DCP_METADATA,
     RawCheckpoint,
     Source,
+    _member_bytes,
     _no_duplicates,
     _realpath,
     _safetensors_entry,
     storage_ref,
     storage_source,
-    torch_zip_pickle,
 )
 from ._records import (
     DTYPE_ITEMSIZE,
@@ -452,7 +470,8 @@ class _Directory:
         self.real = _realpath(directory)
         self.work = work
         self.allow = allow
-        self.item_globals: list[str] = []  # what the bytes items' pickles name
+        self.item_globals: list[str] = []  # what the items' pickles name
+        self.chunk_items: list[ChunkItem] = []  # the tensor items of the default layout
         self.files: dict[str, tuple[str, int]] = {}  # relative path → (real path, size)
         self.blobs: dict[tuple[str, int], _Blob] = {}
 
@@ -467,17 +486,28 @@ class _Directory:
         if type(items) is not dict:
             self.fail(".metadata without its state_dict_metadata")
         index = self._index(state.get("storage_data"))
-        values: dict[str, Any] = self._bytes_items(items, index)
-        tree: dict[Any, Any] = {}
+        # every item is found and scanned before a problem with the metadata is raised: a
+        # hostile pickle in one is reported whatever else is wrong with the directory
+        refs, problem = self._bytes_refs(items, index)
+        values: dict[Any, Any] = {}
         for fqn, item in items.items():
-            if type(fqn) is not str:
-                self.fail(f"a state dict key {brief(fqn)} that is not a str")
-            if type(item) is _TensorStorage:
-                values[fqn] = self._tensor(fqn, item, index)
-            elif type(item) is not _BytesStorage:
-                self.fail(
-                    f"key {_key(fqn)}: {brief(item)} where DCP writes tensor or bytes metadata"
-                )
+            try:
+                if type(fqn) is not str:
+                    self.fail(f"a state dict key {brief(fqn)} that is not a str")
+                if type(item) is _TensorStorage:
+                    values[fqn] = self._tensor(fqn, item, index)
+                elif type(item) is not _BytesStorage:
+                    self.fail(
+                        f"key {_key(fqn)}: {brief(item)} where DCP writes tensor or bytes metadata"
+                    )
+            except CheckpointFormatError as exc:
+                problem = problem or exc
+        described, self.item_globals = scan_items(
+            self.directory, refs, self.allow, problem, self.chunk_items
+        )
+        values.update(described)
+        tree: dict[Any, Any] = {}
+        for fqn in items:
             self._place(tree, self._path(fqn, planner), values[fqn], fqn)
         version = state.get("version")
         return tree, version if type(version) is str else None
@@ -591,13 +621,14 @@ class _Directory:
             return self._blob_chunk(what, fqn, dtype, offsets, sizes, file, offset, info)
         if length < nbytes:
             self.fail(f"{what}: an item of {length:,} bytes cannot hold its {nbytes:,}")
+        rel = info["relative_path"]
+        self.chunk_items.append(ChunkItem(fqn, offsets, rel, file, offset, length))
         return Chunk(offsets, sizes, file, offset, length)
 
-    def _bytes_items(
+    def _bytes_refs(
         self, items: dict[Any, Any], index: dict[tuple[str, Any], dict[str, Any]]
-    ) -> dict[str, Any]:
-        """The bytes items' descriptions, before anything else is checked: a hostile pickle in
-        one is reported whatever else is wrong with the directory (``_dcp_items.py``)."""
+    ) -> tuple[list[ItemRef], CheckpointFormatError | None]:
+        """The bytes items, each checked against its file, and the first problem found."""
         refs: list[ItemRef] = []
         problem: CheckpointFormatError | None = None  # the first, raised once all are scanned
         for fqn, item in items.items():
@@ -612,8 +643,7 @@ class _Directory:
                 problem = problem or exc
                 continue
             refs.append(ItemRef(fqn, info["relative_path"], file, offset, length))
-        described, self.item_globals = scan_items(self.directory, refs, self.allow, problem)
-        return dict(described)
+        return refs, problem
 
     def _item(self, what: str, info: dict[str, Any]) -> tuple[str, int, int]:
         """The real path, offset and length of an item, checked against its file."""
@@ -823,9 +853,9 @@ def chunk_source(chunk: Chunk, dtype: str) -> Source:
 
     A chunk of the safetensors layout says so itself (its ``length`` is its data's). A ``torch.save``
     item is read here, the first time only (cached per chunk while its file is unchanged): its zip
-    directory and ``data.pkl`` (with the general restricted unpickler), checked against the
-    metadata's dtype and sizes, C-contiguous. The data is 64-byte aligned inside the item, which
-    does not make it aligned in the file: readers copy where the offset needs it.
+    directory and ``data.pkl`` (at most 64 KiB, with the general restricted unpickler), checked
+    against the metadata's dtype and sizes, C-contiguous. The data is 64-byte aligned inside the
+    item, which does not make it aligned in the file: readers copy where the offset needs it.
     """
     nbytes = math.prod(chunk.sizes) * DTYPE_ITEMSIZE[dtype]
     if chunk.length == nbytes:
@@ -854,7 +884,15 @@ def _item_source(chunk: Chunk, dtype: str, identity: tuple[int, int, int]) -> So
     except (OSError, ValueError) as exc:
         raise CheckpointFormatError(chunk.file, f"cannot map: {exc}") from None
     try:
-        members, prefix, pickle_bytes = torch_zip_pickle(chunk.file, mm, start, stop)
+        members, prefix, member, _ = item_pickle(chunk.file, mm, start, stop)
+        if member.size > MAX_TENSOR_PICKLE:
+            raise CheckpointFormatError(chunk.file, too_large(member.size), TOO_LARGE_HINT)
+        order = members.get(prefix + "byteorder")
+        if order is not None and _member_bytes(chunk.file, mm, order, end=stop) != b"little":
+            raise CheckpointFormatError(
+                chunk.file, "a big-endian checkpoint", "Re-save it on x86/ARM"
+            )
+        pickle_bytes = _member_bytes(chunk.file, mm, member, check_crc=True, end=stop)
         tensor = _item_tensor(pickle_bytes)
         storage = (
             storage_source(chunk.file, mm, members, prefix, tensor.storage, stop)
@@ -884,11 +922,23 @@ def _item_source(chunk: Chunk, dtype: str, identity: tuple[int, int, int]) -> So
     return Source(chunk.file, storage.offset + tensor.offset * DTYPE_ITEMSIZE[dtype], nbytes, crc)
 
 
-@functools.lru_cache(maxsize=4096)
+_TENSORS: collections.OrderedDict[tuple[bytes, int], TensorRecord] = collections.OrderedDict()
+_TENSORS_KEPT = 4096  # distinct data.pkl remembered (a few hundred bytes of record each)
+_TENSORS_LOCK = threading.Lock()
+
+
 def _item_tensor(pickle_bytes: bytes) -> Any:
-    """What an item's ``data.pkl`` holds (a tensor record, made by the general restricted
-    unpickler). The pickle of ``torch.save(tensor)`` depends on the tensor's dtype and shape
-    only, so the chunks of one tensor, or of tensors alike, share one reading."""
+    """What an item's ``data.pkl`` (at most :data:`MAX_TENSOR_PICKLE` bytes) holds: a tensor
+    record, made by the general restricted unpickler. The pickle of ``torch.save(tensor)``
+    depends on the tensor's dtype and shape only, so the chunks of one tensor, or of tensors
+    alike, share one reading: the last 4,096 tensor records are kept, by the pickle's digest
+    and length (never its bytes); what is not a tensor is refused by the caller, never kept."""
+    key = pickle_key(pickle_bytes)
+    with _TENSORS_LOCK:
+        found = _TENSORS.get(key)
+        if found is not None:
+            _TENSORS.move_to_end(key)
+            return found
     storages: dict[str, StorageRef] = {}
     tree, _ = unpickle(
         io.BytesIO(pickle_bytes),
@@ -897,4 +947,9 @@ def _item_tensor(pickle_bytes: bytes) -> Any:
         persistent_load=lambda pid: storage_ref(pid, storages),
         end=len(pickle_bytes),
     )
+    if type(tree) is TensorRecord:
+        with _TENSORS_LOCK:
+            _TENSORS[key] = tree
+            if len(_TENSORS) > _TENSORS_KEPT:
+                _TENSORS.popitem(last=False)
     return tree
