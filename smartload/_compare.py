@@ -94,6 +94,7 @@ def compare_checkpoints(a: str, b: str, *, ema: bool = False) -> CheckpointCompa
     hint = rename_hint(
         {k: tuple(t.shape) for k, t in tb.items() if k not in ta},
         {k: tuple(t.shape) for k, t in ta.items() if k not in tb},
+        {k: k for k in both},  # a rule must leave the keys both have as they are
     )
     return CheckpointComparison(
         a=info_a,

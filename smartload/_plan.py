@@ -344,6 +344,7 @@ def make_plan(
     hint = rename_hint(
         {e.key: e.model_shape for e in entries if e.action == "skip" and e.reason == "missing"},
         {k: leaf_shape(tensors[k]) for k in unused},
+        {ckpt_key: model_key for model_key, ckpt_key in feeds.items()},
     )
     if hint is not None:  # said first: it explains the rest
         notes.insert(0, hint.note())

@@ -6,12 +6,21 @@ Keys of one shape are paired in order (both state dicts follow the modules' orde
 gives a rule: the part between their common leading and trailing names, with layer numbers made
 groups (``^vit\\.encoder\\.layer\\.(\\d+)\\.attention\\.attention\\.query\\.`` →
 ``vit.layers.\\1.attention.q_proj.``). A rule is proposed only if, applied to every unused key,
-it lands none of them on a wrong key. Pure: names and shapes, no tensor data, no torch.
+it lands none of them on a wrong key, and it neither moves a key that already loads nor lands
+one on that key's model key (a rule adding ``backbone.`` before every key would take ``head.*``
+away from the model's ``head``: such a rule is narrowed to the next name both keys share,
+``^(\\d+)\\.`` → ``backbone.\\1.``, or dropped). Pure: names and shapes, no tensor data, no
+torch.
+
+What a hint costs is bounded whatever the keys: each distinct rule is checked once, against the
+keys that begin with its literal start (found by bisecting sorted keys), and the rules checked and
+the keys they are checked against are capped (:data:`_MAX_TRIED`, :data:`_MAX_WORK`).
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +29,9 @@ __all__ = ["RenameHint", "rename_hint"]
 
 _MIN_PAIRS = 2
 _MAX_KEYS = 20_000  # beyond this many missing or unused keys, no hint (it would cost too much)
-_MAX_RULES = 32
+_MAX_RULES = 32  # rules proposed, at most
+_MAX_TRIED = 256  # distinct rules checked, at most
+_MAX_WORK = 1_000_000  # keys the checked rules are applied to, in all
 
 
 @dataclass(frozen=True)
@@ -57,21 +68,31 @@ class RenameHint:
 
 
 def rename_hint(
-    missing: Mapping[str, tuple[int, ...]], unused: Mapping[str, tuple[int, ...]]
+    missing: Mapping[str, tuple[int, ...]],
+    unused: Mapping[str, tuple[int, ...]],
+    loading: Mapping[str, str] | None = None,
 ) -> RenameHint | None:
     """The hint for ``missing`` model keys and ``unused`` checkpoint keys (each with its shape,
-    in its state dict's order), or None when they do not look like one naming difference."""
+    in its state dict's order), or None when they do not look like one naming difference.
+
+    ``loading`` maps the checkpoint keys that already load to the model keys they feed: no rule
+    proposed renames one of them, or renames an unused key onto one of those model keys."""
     if not missing or not unused or max(len(missing), len(unused)) > _MAX_KEYS:
         return None
     pairs = _pairs(missing, unused)
     if len(pairs) < max(_MIN_PAIRS, min(len(missing), len(unused)) // 2):
         return None
+    checker = _Checker(pairs, unused, loading or {})
     rules: list[tuple[str, str]] = []
     for old, new in pairs:
         rule = _rule(old, new)
-        if rule is not None and rule not in rules and _sound(rule, pairs, unused):
+        verdict = checker.verdict(rule)
+        if verdict == _TOUCHES_LOADING:  # too broad: anchor it on one more name
+            rule = _rule(old, new, narrowed=True)
+            verdict = checker.verdict(rule)
+        if verdict == _SOUND and rule is not None and rule not in rules:
             rules.append(rule)
-        if len(rules) >= _MAX_RULES:
+        if len(rules) >= _MAX_RULES or checker.spent:
             break
     placed = _placed(rules, pairs)
     return RenameHint(len(missing), len(unused), len(pairs), tuple(rules), placed)
@@ -93,9 +114,11 @@ def _pairs(
     return pairs
 
 
-def _rule(old: str, new: str) -> tuple[str, str] | None:
+def _rule(old: str, new: str, *, narrowed: bool = False) -> tuple[str, str] | None:
     """The rule renaming ``old`` into ``new``: their differing middle, with the numbers of the
-    leading part and of the middle as groups."""
+    leading part and of the middle as groups. ``narrowed``: the rule also names the first of
+    the trailing names both share (not the last, the tensor's own), so that it renames only
+    keys under that module; None where they share no such name."""
     a, b = old.split("."), new.split(".")
     head = 0
     while head < min(len(a), len(b)) and a[head] == b[head]:
@@ -105,6 +128,11 @@ def _rule(old: str, new: str) -> tuple[str, str] | None:
         tail += 1
     if head == len(a) == len(b):
         return None
+    shared = 0
+    if narrowed:
+        if tail < 2:
+            return None
+        shared, tail = 1, tail - 1
     lead_a, lead_b = a[: len(a) - tail], b[: len(b) - tail]
     groups: list[str] = []
     pattern = []
@@ -116,13 +144,16 @@ def _rule(old: str, new: str) -> tuple[str, str] | None:
             pattern.append(re.escape(seg))
     replacement = []
     used: set[int] = set()
-    for seg in lead_b:
+    for seg in lead_b[: len(lead_b) - shared]:
         index = next((i for i, g in enumerate(groups) if g == seg and i not in used), None)
         if seg.isdigit() and index is not None:
             used.add(index)
             replacement.append(f"\\{index + 1}")
         else:
             replacement.append(seg.replace("\\", "\\\\"))
+    if shared:  # the same name on both sides: a number is its own (the last) group
+        seg = lead_b[-1]
+        replacement.append(f"\\{len(groups)}" if seg.isdigit() else seg.replace("\\", "\\\\"))
     joined, repl = r"\.".join(pattern), ".".join(replacement)
     if not tail:  # the names differ to the end: the whole key
         return f"^{joined}$", repl
@@ -131,29 +162,100 @@ def _rule(old: str, new: str) -> tuple[str, str] | None:
     return f"^{joined}\\.", f"{repl}." if repl else ""
 
 
-def _apply(rules: Sequence[tuple[str, str]], key: str) -> str:
-    for pattern, replacement in rules:
-        key = re.sub(pattern, replacement, key)
-    return key
+def _renamed(compiled: re.Pattern[str], replacement: str, key: str) -> str:
+    """``compiled.sub(replacement, key)`` for a pattern anchored at the start (it matches once
+    at most), without parsing ``replacement`` again for every key that does not match."""
+    found = compiled.match(key)
+    return key if found is None else found.expand(replacement) + key[found.end() :]
 
 
-def _sound(rule: tuple[str, str], pairs: list[tuple[str, str]], unused: Mapping[str, Any]) -> bool:
-    """Whether ``rule`` renames no unused key into a key other than its partner's (an unpaired
-    key it touches must be left alone)."""
-    partner = dict(pairs)
-    targets = set(partner.values())
-    compiled = re.compile(rule[0])
-    for key in unused:
-        new = compiled.sub(rule[1], key)
-        if new == key:
-            continue
-        if key in partner:
-            if new != partner[key] and new in targets:
-                return False
-        elif new in targets:
-            return False
-    return any(compiled.sub(rule[1], old) == new for old, new in pairs)
+_SOUND, _MISPLACES, _TOUCHES_LOADING = "sound", "misplaces", "touches loading"
+
+
+class _Checker:
+    """Whether a rule is sound, each distinct rule checked once, within :data:`_MAX_TRIED`
+    rules and :data:`_MAX_WORK` keys in all (a rule never checked is not proposed)."""
+
+    def __init__(
+        self, pairs: list[tuple[str, str]], unused: Mapping[str, Any], loading: Mapping[str, str]
+    ) -> None:
+        self.partner = dict(pairs)
+        self.targets = set(self.partner.values())
+        self.taken = set(loading.values())
+        self.unused = sorted(unused)
+        self.loading = sorted(loading)
+        self.seen: dict[tuple[str, str], str] = {}
+        self.work = 0
+        self.spent = False
+
+    def verdict(self, rule: tuple[str, str] | None) -> str:
+        if rule is None:
+            return _MISPLACES
+        if rule not in self.seen:
+            if len(self.seen) >= _MAX_TRIED:
+                self.spent = True
+                return _MISPLACES
+            self.seen[rule] = self._check(rule)
+        return self.seen[rule]
+
+    def _check(self, rule: tuple[str, str]) -> str:
+        """:data:`_TOUCHES_LOADING` when ``rule`` renames a key that loads, or an unused key
+        onto the model key a loading key feeds; :data:`_MISPLACES` when it renames an unused
+        key into a model key other than its partner's (an unpaired key it touches must be left
+        alone), or places no pair; else :data:`_SOUND`."""
+        compiled = re.compile(rule[0])
+        start = _literal_start(rule[0])
+        loading = _starting_with(self.loading, start)
+        unused = _starting_with(self.unused, start)
+        self.work += len(loading) + len(unused)
+        if self.work > _MAX_WORK:
+            self.spent = True
+            return _MISPLACES
+        if any(_renamed(compiled, rule[1], key) != key for key in loading):
+            return _TOUCHES_LOADING
+        places = False
+        for key in unused:
+            new = _renamed(compiled, rule[1], key)
+            if new == key:
+                continue
+            if new in self.taken:
+                return _TOUCHES_LOADING
+            mine = self.partner.get(key)
+            if new == mine:
+                places = True
+            elif new in self.targets:
+                return _MISPLACES
+        return _SOUND if places else _MISPLACES
+
+
+def _literal_start(pattern: str) -> str:
+    """What every key a rule's pattern matches begins with: its escaped names before the first
+    group (``^enc\\.layer\\.(\\d+)\\.`` → ``enc.layer``)."""
+    names = []
+    for part in pattern.removeprefix("^").removesuffix("$").split(r"\."):
+        if not part or part == r"(\d+)":
+            break
+        names.append(re.sub(r"\\(.)", r"\1", part, flags=re.DOTALL))
+    return ".".join(names)
+
+
+def _starting_with(ordered: list[str], start: str) -> list[str]:
+    """The keys of ``ordered`` (sorted) that begin with ``start``."""
+    if not start:
+        return ordered
+    lo = bisect_left(ordered, start)
+    last = ord(start[-1])
+    if last == 0x10FFFF:  # no character after it: to the end
+        return ordered[lo:]
+    return ordered[lo : bisect_left(ordered, start[:-1] + chr(last + 1))]
 
 
 def _placed(rules: Sequence[tuple[str, str]], pairs: list[tuple[str, str]]) -> int:
-    return sum(_apply(rules, old) == new for old, new in pairs)
+    """How many pairs the rules place, applied in turn as ``load(rename=...)`` applies them."""
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+    placed = 0
+    for old, new in pairs:
+        for pattern, replacement in compiled:
+            old = _renamed(pattern, replacement, old)
+        placed += old == new
+    return placed

@@ -13,6 +13,7 @@ for a whole-model pickle, from its module tree (recorded, never imported).
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,32 +35,38 @@ def module_notes(
     unused: Iterable[str],
     tree: ModuleTree | None = None,
 ) -> list[str]:
-    """One line per replaced module, one for the new ones, one per checkpoint module unused."""
+    """One line per replaced module, one for the new ones, one per checkpoint module unused.
+
+    Linear in the keys but for sorting: keys under a module are counted by bisecting sorted
+    keys, never by scanning them once per module (40,000 unused keys took 24 s that way)."""
     missing = {e.key for e in entries if e.action == "skip" and e.reason == "missing"}
+    unused = sorted(unused)
     if not missing and not unused:
         return []
-    unused = sorted(unused)
     size = {e.key: math.prod(e.model_shape) for e in entries}
+    model_keys = sorted(size)
     fresh = _whole_modules(list(size), missing)
     from_file = [e.source for e in entries if e.source is not None]
     dropped = _whole_modules([*from_file, *unused], set(unused))
     root = tree.root if tree is not None else None
     notes: list[str] = []
     new: list[str] = []
+    replaced: list[str] = []
     for name in fresh:
-        keys = _under(name, size)
+        keys = _under(name, model_keys)
         elements = sum(size[k] for k in keys)
         ours = f"{_model_class(model, name)}, {_tensors(len(keys))}, {elements:,} parameters"
-        theirs = [k for k in unused if k.startswith(f"{name}.")]
+        theirs = _count_under(name, unused, itself=False)
         if not theirs:
             new.append(f"{name} ({ours})")
             continue
-        dropped = [d for d in dropped if not (d == name or d.startswith(f"{name}."))]
+        replaced.append(name)
         cls = _node_class(root, name)
         notes.append(
             f"{_where(model, root, name)}{name} ({ours}) keeps its initialisation; the "
-            f"checkpoint's {name} ({f'{cls}, ' if cls else ''}{_tensors(len(theirs))}) is unused"
+            f"checkpoint's {name} ({f'{cls}, ' if cls else ''}{_tensors(theirs)}) is unused"
         )
+    dropped = _outside(dropped, replaced)
     if len(new) == 1:
         notes.append(f"{new[0]} is not in the checkpoint: kept as initialised")
     elif new:
@@ -70,7 +77,7 @@ def module_notes(
         )
     for name in dropped[:_LISTED]:
         cls = _node_class(root, name)
-        count = sum(1 for k in unused if k.startswith(f"{name}."))
+        count = _count_under(name, unused, itself=True)
         notes.append(
             f"the checkpoint's {name} ({f'{cls}, ' if cls else ''}{_tensors(count)}) has no "
             "place in the model: unused"
@@ -84,6 +91,39 @@ def _tensors(n: int) -> str:
     return f"{n} tensor{'s' if n != 1 else ''}"
 
 
+def _span(name: str, ordered: Sequence[str]) -> tuple[int, int]:
+    """Where the keys under module ``name`` (``name.…``) lie in ``ordered`` (sorted): after
+    ``name.`` and before ``name/``, ``/`` being the character after ``.``."""
+    return bisect_left(ordered, f"{name}."), bisect_left(ordered, f"{name}/")
+
+
+def _count_under(name: str, ordered: Sequence[str], *, itself: bool) -> int:
+    """How many keys of ``ordered`` (sorted) lie under module ``name``; with ``itself``, the key
+    ``name`` counts too (a lone tensor is said as its own module)."""
+    start, stop = _span(name, ordered)
+    found = stop - start
+    if itself:
+        at = bisect_left(ordered, name)
+        found += at < len(ordered) and ordered[at] == name
+    return found
+
+
+def _under(name: str, ordered: Sequence[str]) -> Sequence[str]:
+    start, stop = _span(name, ordered)
+    return ordered[start:stop] or [name]
+
+
+def _outside(names: list[str], modules: Sequence[str]) -> list[str]:
+    """``names`` (in their order) less those that are, or lie under, one of ``modules``."""
+    ordered = sorted(names)
+    inside: set[str] = set()
+    for module in modules:
+        start, stop = _span(module, ordered)
+        inside.update(ordered[start:stop])
+        inside.add(module)
+    return [n for n in names if n not in inside]
+
+
 def _whole_modules(keys: Sequence[str], chosen: set[str]) -> list[str]:
     """The highest module names all of whose keys are in ``chosen`` (and at least one is), in
     key order; a key alone when its module holds other keys too."""
@@ -93,14 +133,12 @@ def _whole_modules(keys: Sequence[str], chosen: set[str]) -> list[str]:
         for prefix in _prefixes(key):
             total[prefix] += 1
             hits[prefix] += key in chosen
-    out: list[str] = []
+    out: dict[str, None] = {}  # ordered, and a lookup in constant time
     for key in keys:
         if key not in chosen:
             continue
-        whole = [p for p in _prefixes(key) if hits[p] == total[p]]
-        top = whole[0] if whole else key
-        if top not in out:
-            out.append(top)
+        top = next((p for p in _prefixes(key) if hits[p] == total[p]), key)
+        out.setdefault(top)
     return [name for name in out if name.rpartition(".")[0] not in out]
 
 
@@ -115,10 +153,6 @@ def _prefixes(key: str) -> list[str]:
         return []
     parts = key.split(".")[:-1]
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-def _under(name: str, size: dict[str, int]) -> list[str]:
-    return [k for k in size if k.startswith(f"{name}.")] or [name]
 
 
 def _model_class(model: torch.nn.Module, name: str) -> str:
@@ -150,11 +184,6 @@ def _describe(node: ModuleNode) -> str:
         inside = ", ".join(f"{n} {k}" if n > 1 else k for k, n in kinds.items())
         return f"{short} of {inside}"
     return short
-
-
-def _theirs(root: ModuleNode | None, name: str) -> str:
-    cls = _node_class(root, name)
-    return f"; the checkpoint's: {cls}" if cls else ""
 
 
 def _where(model: torch.nn.Module, root: ModuleNode | None, name: str) -> str:

@@ -124,3 +124,81 @@ def test_diff_of_two_checkpoints_says_it_too(
     assert main(["diff", str(old_checkpoint), str(new), "--json"]) == 1
     got = json.loads(capsys.readouterr().out)
     assert got["rename_hint"]["rename"] == RULES and got["rename_hint"]["placed"] == 12
+
+
+class Flat(nn.Module):
+    """A backbone's layers at the top (``0.*``, ``1.*``) beside the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module("0", nn.Linear(4, 4))
+        self.add_module("1", nn.Linear(4, 4))
+        self.head = nn.Linear(4, 2)
+
+
+class Wrapped(nn.Module):
+    """The same layers under ``backbone.``; the head where it was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        self.head = nn.Linear(4, 2)
+
+
+BACKBONE = {r"^(\d+)\.": r"backbone.\1."}
+
+
+def test_a_rule_that_would_move_a_loading_key_is_narrowed(tmp_path: Path) -> None:
+    """``^`` → ``backbone.`` places the four backbone keys but takes ``head.*`` away from the
+    head, which loads as it is: the rule is narrowed to the next shared name, and leaves
+    ``head.*`` alone."""
+    path = tmp_path / "flat.pt"
+    torch.manual_seed(0)
+    torch.save(Flat().state_dict(), path)
+    plan = smartload.diff(Wrapped(), path)
+    assert plan.rename_hint is not None
+    assert dict(plan.rename_hint.rename) == BACKBONE and plan.rename_hint.placed == 4
+
+    model = Wrapped()
+    report = smartload.load(model, path, rename=dict(plan.rename_hint.rename))
+    assert report.summary["copy"] == 6 and report.unused == ()
+    saved = torch.load(path, weights_only=True)
+    assert torch.equal(model.backbone[1].weight, saved["1.weight"])
+    assert torch.equal(model.head.bias, saved["head.bias"])
+
+
+def test_rules_leave_loading_keys_and_their_model_keys_alone() -> None:
+    """A rule is dropped when it renames a key that loads, or an unused key onto a model key
+    that another key feeds; without a narrower rule that places a pair, no rule is proposed."""
+    missing = {"backbone.0.w": (2,), "backbone.1.w": (2,)}
+    unused = {"0.w": (2,), "1.w": (2,)}
+    broad = rename_hint(missing, unused)
+    assert broad is not None and dict(broad.rename) == {"^": "backbone."}
+    moved = rename_hint(missing, unused, {"head.w": "head.w"})
+    assert moved is not None and dict(moved.rename) == BACKBONE and moved.placed == 2
+    leaf = rename_hint({"backbone.w": (2,), "backbone.v": (2,)}, {"w": (2,), "v": (2,)}, {"u": "u"})
+    assert leaf is not None and leaf.rename == () and leaf.placed == 0  # no name to narrow on
+
+    missing = {"new.a.w": (2,), "new.b.w": (2,)}
+    unused = {"old.a.w": (2,), "old.b.w": (2,), "old.c.w": (3,)}
+    broad = rename_hint(missing, unused)
+    assert broad is not None and dict(broad.rename) == {r"^old\.": "new."}
+    onto = rename_hint(missing, unused, {"other.c.w": "new.c.w"})  # old.c.w would land on it
+    assert onto is not None and dict(onto.rename) == {
+        r"^old\.a\.": "new.a.", r"^old\.b\.": "new.b.",
+    }  # fmt: skip
+
+
+def test_diff_of_two_checkpoints_leaves_the_keys_both_have(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In ``diff A B`` the keys both files have stay as they are: the hint's rule moves only
+    the first's keys that the second names otherwise."""
+    flat, wrapped = tmp_path / "flat.pt", tmp_path / "wrapped.pt"
+    torch.save(Flat().state_dict(), flat)
+    torch.save(Wrapped().state_dict(), wrapped)
+    assert main(["diff", str(flat), str(wrapped), "--json"]) == 1
+    got = json.loads(capsys.readouterr().out)
+    assert got["rename_hint"] == {
+        "missing": 4, "unused": 4, "paired": 4, "rename": BACKBONE, "placed": 4,
+    }  # fmt: skip

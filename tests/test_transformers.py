@@ -560,6 +560,33 @@ def test_config_json_beside_the_weight_file_only_for_hf_file_names(
     assert [h.class_map for h in report.heads] == [None]
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (b'{"id2label": ' + b"[" * 100_000, "nested too deeply to be a config"),
+        (b'{"id2label": {"0": "cat"', "Expecting ',' delimiter: line 1 column 25 (char 24)"),
+        (b'{"id2label": {"0": "\xff"}}', "'utf-8' codec can't decode byte 0xff in position 20"),
+        (b'{"id2label": ' + b"1" * 5_000 + b"}", "Exceeds the limit (4300 digits)"),
+        (b"[1, 2]", "not a JSON object"),
+    ],
+)
+def test_a_malformed_config_json_is_a_note(
+    tmp_path: Path, saved: Saved, text: bytes, problem: str
+) -> None:
+    """A config.json that json cannot read (nested 100,000 deep, truncated, not UTF-8, an
+    integer of 5,000 digits, no object) leaves the class names unknown, said in a note: the
+    plan is made as without names, and no error escapes (RecursionError did)."""
+    folder, _ = saved("vit")
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (tmp_path / "config.json").write_bytes(text)
+    plan = smartload.diff(build("vit", THREE), tmp_path)
+    assert [(h.name, h.class_map) for h in plan.heads] == [("classifier", None)]
+    assert len(plan.notes) == 1
+    assert plan.notes[0].startswith(f"{tmp_path}/config.json: not read (")
+    assert problem in plan.notes[0]
+    assert plan.notes[0].endswith("); the checkpoint's class names are unknown")
+
+
 def test_sharded_folder_and_its_index_file(tmp_path: Path) -> None:
     """save_pretrained(max_shard_size=...) writes shards and an index: the folder and the index
     load alike, with config.json's names."""

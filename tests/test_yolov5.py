@@ -399,5 +399,40 @@ def test_build_model_finds_the_package_configs() -> None:
     assert type(model.model[8]).__name__ == "C3TR"
     assert type(build("yolov5n-seg.yaml", 3, seed=2)).__name__ == "SegmentationModel"
     assert type(build("yolov5n-cls.yaml", 3, seed=2)).__name__ == "ClassificationModel"
-    with pytest.raises(FileNotFoundError, match="no such file, nor a YOLOv5 model yaml"):
+    with pytest.raises(smartload.InvalidArgumentError) as missing:
         build_model("yolov9.yaml")
+    assert str(missing.value).startswith(
+        "yolov9.yaml: no such file, nor a YOLOv5 model yaml of that name; give the path of a "
+        "model yaml, or one of: anchors.yaml, "
+    )
+    assert "yolov5s.yaml" in str(missing.value)
+    for not_a_config in ("*.yaml", "hub", ""):  # names, not glob patterns; files, not folders
+        with pytest.raises(smartload.InvalidArgumentError, match="no such file, nor a YOLOv5"):
+            find_config(not_a_config)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("nc: 3\n", ": not a YOLOv5 model yaml: it needs a head"),
+        ("head: 3\n", ": not a YOLOv5 model yaml: it needs a head"),
+        ("head: []\n", ": not a YOLOv5 model yaml: it needs a head"),
+        ("head: [[-1, 1]]\n", ": not a YOLOv5 model yaml: it needs a head"),
+        ("head: [[-1, 1, 7, []]]\n", ": not a YOLOv5 model yaml: it needs a head"),
+        ("head: [[-1, 1, {x: 1}, []]]\n", ": not a YOLOv5 model yaml: it needs a head"),
+        ("nc: [\n", ": not read as a YOLOv5 model yaml (while parsing a flow node expected"),
+        ("[" * 100_000, ": not read as a YOLOv5 model yaml (maximum recursion depth exceeded"),
+        ("nc: 3\nhead: [[-1, 1, Detect, [nc]]]\n", ": yolov5 cannot build a model of this yaml"),
+    ],
+)
+def test_a_malformed_config_is_an_invalid_argument(tmp_path: Path, text: str, problem: str) -> None:
+    """A yaml that is not a YOLOv5 model's (no head, a malformed last layer, unparseable,
+    nested 100,000 deep, missing what yolov5 needs) is refused naming the file and what to give,
+    as :class:`InvalidArgumentError`, never as yolov5's or yaml's own error."""
+    path = tmp_path / "model.yaml"
+    path.write_text(text)
+    with pytest.raises(smartload.InvalidArgumentError) as refused:
+        build_model(str(path), 3)
+    message = str(refused.value)
+    assert message.startswith(f"{path}{problem}")
+    assert message.endswith("give a model yaml such as yolov5s.yaml, or the path of one")

@@ -398,11 +398,16 @@ def _config_json(checkpoint: Any) -> str | None:
 
 
 def _read_json(path: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ValueError (or OSError) for anything else, a hostile file's
+    included: too large, not UTF-8 (UnicodeDecodeError), malformed, nested too deeply."""
     with open(path, "rb") as f:
         data = f.read(_MAX_CONFIG_BYTES + 1)
     if len(data) > _MAX_CONFIG_BYTES:
         raise ValueError(f"larger than {_MAX_CONFIG_BYTES >> 20} MB")
-    found = json.loads(data)
+    try:
+        found = json.loads(data)
+    except RecursionError:  # ``[`` nested 100,000 deep: json recurses once per level
+        raise ValueError("nested too deeply to be a config") from None
     if not isinstance(found, dict):
         raise ValueError("not a JSON object")
     return found

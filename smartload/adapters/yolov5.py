@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InvalidArgumentError
 from . import Adapter, HeadRule
 
 if TYPE_CHECKING:
@@ -138,22 +139,23 @@ def build_model(config: str, num_classes: int | None = None) -> torch.nn.Module:
     overriding the yaml's ``nc``. ``config`` is a path, a path inside the package
     (``models/hub/yolov5s-transformer.yaml``) or a file name found there (``yolov5s.yaml``,
     ``yolov5s-seg.yaml``). A name ending ``-cls.yaml`` gives the classification model that
-    ``classify/train.py`` makes of the detection model without it (cut at layer 10)."""
+    ``classify/train.py`` makes of the detection model without it (cut at layer 10).
+
+    Raises :class:`~smartload.errors.InvalidArgumentError` when the package is missing, or the
+    config is not found or is no YOLOv5 model yaml."""
     try:
         with warnings.catch_warnings():  # its import of pkg_resources warns
             warnings.simplefilter("ignore")
             yolo = importlib.import_module("yolov5.models.yolo")
+            yaml = importlib.import_module("yaml")  # a dependency of yolov5
     except ImportError as exc:
-        raise ImportError(
-            f"building a YOLOv5 model needs the yolov5 package ({exc}); pip install yolov5"
+        raise InvalidArgumentError(
+            f"{config}: building a YOLOv5 model needs the yolov5 package ({exc}); "
+            "pip install yolov5"
         ) from exc
-    yaml = importlib.import_module("yaml")  # a dependency of yolov5
-
     classify = config.endswith("-cls.yaml") and not Path(config).is_file()
     path = find_config(config.replace("-cls.yaml", ".yaml") if classify else config)
-    cfg = yaml.safe_load(path.read_text(encoding="ascii", errors="ignore"))
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("head"), list) or not cfg["head"]:
-        raise ValueError(f"{path} is not a YOLOv5 model yaml (no head)")
+    segment = _is_segment(_read_config(path, yaml), path)
     quiet = logging.getLogger("yolov5")  # it logs the model's layers and summary
     level = quiet.level
     quiet.setLevel(logging.WARNING)
@@ -164,12 +166,40 @@ def build_model(config: str, num_classes: int | None = None) -> torch.nn.Module:
                 model=detector, nc=num_classes or 1000, cutoff=10
             )
         else:
-            segment = cfg["head"][-1][2] == "Segment"
             made = yolo.SegmentationModel if segment else yolo.DetectionModel
             model = made(str(path), nc=num_classes)
+    except Exception as exc:  # yolov5 reads the yaml's layers unchecked: any error, for a bad one
+        raise InvalidArgumentError(
+            f"{path}: yolov5 cannot build a model of this yaml ({type(exc).__name__}: {exc}); "
+            "give a model yaml such as yolov5s.yaml, or the path of one"
+        ) from exc
     finally:
         quiet.setLevel(level)
     return model
+
+
+def _read_config(path: Path, yaml: Any) -> Any:
+    """The yaml of ``path``; InvalidArgumentError where it cannot be read or parsed."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="ascii", errors="ignore"))
+    except (OSError, yaml.YAMLError, RecursionError) as exc:
+        raise InvalidArgumentError(
+            f"{path}: not read as a YOLOv5 model yaml ({' '.join(str(exc).split())}); give a "
+            "model yaml such as yolov5s.yaml, or the path of one"
+        ) from None
+
+
+def _is_segment(cfg: Any, path: Path) -> bool:
+    """Whether the yaml's last head layer (``[from, number, module, args]``) is ``Segment``."""
+    head = cfg.get("head") if isinstance(cfg, dict) else None
+    last = head[-1] if isinstance(head, list) and head else None
+    if not isinstance(last, list) or len(last) < 3 or not isinstance(last[2], str):
+        raise InvalidArgumentError(
+            f"{path}: not a YOLOv5 model yaml: it needs a head, a list of "
+            "[from, number, module, args] layers; give a model yaml such as yolov5s.yaml, or "
+            "the path of one"
+        )
+    return last[2] == "Segment"
 
 
 def find_config(config: str) -> Path:
@@ -180,15 +210,19 @@ def find_config(config: str) -> Path:
         return given
     spec = importlib.util.find_spec("yolov5")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"{config}: no such file (and the yolov5 package is not installed)")
+        raise InvalidArgumentError(
+            f"{config}: no such file (and the yolov5 package, whose model yamls it could name, "
+            "is not installed); give the path of a YOLOv5 model yaml, or pip install yolov5"
+        )
     root = Path(spec.origin).parent
     if (root / config).is_file():
         return root / config
-    found = sorted((root / "models").rglob(given.name))
+    # by name, not as a glob pattern: "*.yaml" is no config's name, and "" no pattern at all
+    found = sorted(p for p in (root / "models").rglob("*") if p.name == given.name and p.is_file())
     if not found:
         known = sorted(p.name for p in (root / "models").rglob("*.yaml"))
-        raise FileNotFoundError(
-            f"{config}: no such file, nor a YOLOv5 model yaml of that name (known: "
-            f"{', '.join(known)})"
+        raise InvalidArgumentError(
+            f"{config}: no such file, nor a YOLOv5 model yaml of that name; give the path of "
+            f"a model yaml, or one of: {', '.join(known)}"
         )
     return found[0]
