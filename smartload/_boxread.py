@@ -256,13 +256,15 @@ def all_finite(reader: BoxReader, runs: Sequence[Run], dtype: torch.dtype) -> bo
     pages from the page cache once the ranks agree."""
     scratch = torch.empty(_SCRATCH // dtype.itemsize, dtype=dtype)
     buffer = memoryview(scratch.view(torch.uint8).numpy().data)
+    wide = torch.float32 if dtype.itemsize < 4 else dtype
     for run in runs:
         fd = reader.fd(run.file)
         for start in range(0, run.nbytes, _SCRATCH):
             n = min(_SCRATCH, run.nbytes - start)
             _pread_exactly(fd, buffer[:n], run.offset + start, run.file)
-            # summed in float64: finite float16 values overflow a float16 sum
-            if not bool(torch.isfinite(scratch[: n // dtype.itemsize].sum(dtype=torch.float64))):
+            # 16-bit floats summed in float32: finite float16 values overflow a float16 sum
+            # (wider ones in their own dtype: an overflow there is rechecked exactly)
+            if not bool(torch.isfinite(scratch[: n // dtype.itemsize].sum(dtype=wide))):
                 return False
     return True
 
