@@ -240,6 +240,12 @@ def test_finite_half_precision_values_whose_sum_overflows_are_loaded(
             "each rank has.",
         ),
         (
+            "own_loader_module",
+            "InvalidArgumentError",
+            "ranks 0, 1: module(s) norm load through their own _load_from_state_dict, which "
+            "cannot be run shard by shard.",
+        ),
+        (
             "dry_run_on_rank1_only",
             "InvalidArgumentError",
             "the ranks made different plans (rank 0 and rank(s) 1 differ).",

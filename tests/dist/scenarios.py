@@ -409,6 +409,20 @@ def dcp_bit_flip_with_checksums(root: Path) -> dict[str, Any]:
     return run_load(model, flipped, init_seed=SEED, verify_checksums=True)
 
 
+class _OwnLoading(nn.Linear):
+    """A module with a loader of its own (a conversion in ``_load_from_state_dict``)."""
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def own_loader_module(root: Path) -> dict[str, Any]:
+    model = build(10)
+    model.norm = _OwnLoading(96, 96).to(_device())
+    return run_load(model, root / "model.safetensors", num_classes=10,
+                    policies={"norm.*": "skip"}, process_group=dist.group.WORLD)  # fmt: skip
+
+
 def report_file(root: Path) -> dict[str, Any]:
     model = fsdp(build(10))
     path = root / "report.json"
@@ -455,6 +469,7 @@ SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "dry_run_on_rank1_only": dry_run_on_rank1_only,
     "report_path_unwritable_on_rank0": report_path_unwritable_on_rank0,
     "dcp_bit_flip_with_checksums": dcp_bit_flip_with_checksums,
+    "own_loader_module": own_loader_module,
 }
 
 
