@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import pickle
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -51,11 +52,10 @@ _T = TypeVar("_T")
 
 
 def _dtensor_type() -> type | None:
-    if not dist.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+    """DTensor, if anything has imported it (a model can hold none otherwise): importing it
+    costs half a second, more than a whole load of a small model."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 def _tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:

@@ -36,3 +36,18 @@ def test_error_tree() -> None:
         "InvalidArgumentError",
     ):
         assert issubclass(getattr(smartload, name), smartload.SmartloadError)
+
+
+def test_a_plain_load_imports_no_distributed_tensor() -> None:
+    """``torch.distributed.tensor`` costs half a second to import: a load looks for DTensors
+    only when something has imported it (a model cannot hold one otherwise)."""
+    code = (
+        "import os, sys, tempfile, torch, smartload\n"
+        "m = torch.nn.Linear(4, 4)\n"
+        "p = os.path.join(tempfile.mkdtemp(), 'a.pt')\n"
+        "torch.save(m.state_dict(), p)\n"
+        "smartload.load(m, p)\n"
+        "print('torch.distributed.tensor' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
