@@ -38,6 +38,27 @@ _HEAD_PATTERNS: tuple[tuple[str, int, int, str], ...] = (
 )
 
 
+_YOLOV5_HEAD = re.compile(r"^(model\.\d+)\.m\.0\.weight$")
+
+
+def _anchor_head(key: str, info: TensorInfo, tensors: Mapping[str, TensorInfo]) -> HeadGuess | None:
+    """YOLOv5's anchor head (``model.24.m.0``): per anchor (``model.24.anchors`` is [levels,
+    anchors, 2]) 4 box rows, an objectness row, the classes, then a Segment head's mask rows (as
+    many as its ``proto`` makes)."""
+    found = _YOLOV5_HEAD.match(key)
+    anchors = tensors.get(f"{found.group(1)}.anchors") if found else None
+    if found is None or anchors is None or len(anchors.shape) != 3 or len(info.shape) != 4:
+        return None
+    proto = tensors.get(f"{found.group(1)}.proto.cv3.conv.weight")
+    masks = proto.shape[0] if proto is not None and proto.shape else 0
+    per_anchor, rest = divmod(info.shape[0], anchors.shape[1]) if anchors.shape[1] else (0, 1)
+    classes = per_anchor - 5 - masks
+    if rest or classes < 1:
+        return None
+    kind = "yolov5 Segment" if masks else "yolov5 Detect"
+    return HeadGuess(key, info.shape[0], classes, f"{kind} ({anchors.shape[1]} anchors)")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]  # global, for a tensor saved in chunks (DCP)
@@ -227,6 +248,10 @@ def _guess_heads(tensors: Mapping[str, TensorInfo]) -> list[HeadGuess]:
     regresses a value (or scores one logit), and "1 class" would invite a wrong class map."""
     out = []
     for key, info in tensors.items():
+        anchor_head = _anchor_head(key, info, tensors)
+        if anchor_head is not None:
+            out.append(anchor_head)
+            continue
         for pattern, background, per_class, kind in _HEAD_PATTERNS:
             if re.search(pattern, key) and len(info.shape) >= 2:
                 rows = info.shape[0]

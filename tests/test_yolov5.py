@@ -189,6 +189,16 @@ def test_without_a_class_map_the_boxes_are_kept_and_the_class_rows_are_new(
         )
 
 
+def test_inspect_names_the_anchor_head_and_its_class_count(
+    yolov5s: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    best, _ = yolov5s
+    assert [vars(h) for h in smartload.inspect(best).heads] == [
+        {"key": "model.24.m.0.weight", "rows": 255, "num_classes": 80,
+         "kind": "yolov5 Detect (3 anchors)"},
+    ]  # fmt: skip
+
+
 def test_the_replaced_module_is_said_in_one_line(
     yolov5s: tuple[Path, dict[str, torch.Tensor]],
 ) -> None:
@@ -288,6 +298,10 @@ def test_segment_head_keeps_mask_rows_and_proto(tmp_path: Path) -> None:
     assert info.verdict == "UNKNOWN"
     assert "yolov5.models.yolo.Detect.forward" in info.unknown_globals
     assert "builtins.getattr" not in info.globals
+    assert [vars(h) for h in info.heads] == [
+        {"key": "model.24.m.0.weight", "rows": 3 * (5 + 80 + 32), "num_classes": 80,
+         "kind": "yolov5 Segment (3 anchors)"},
+    ]  # fmt: skip
     report = smartload.load(target, best, target_classes=["dog", "unicorn", "person"])
 
     assert [(h.name, h.class_map) for h in report.heads] == [
