@@ -128,10 +128,10 @@ def load_collective(
     :class:`SmartloadError` class on every rank when any rank fails; then nothing is written."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
 
-    def plan_step() -> tuple[LoadPlan, _RankOutcome]:
+    def plan_step() -> tuple[tuple[LoadPlan, dict[str, Box]], _RankOutcome]:
         check_nonfinite_choice(on_nonfinite)
         plan = make()
-        _boxes(plan)  # refuses placements that are not boxes, before anything is read
+        boxes = _boxes(plan)  # refuses placements that are not boxes, before anything is read
         on_meta = sorted(k for k, t in plan.targets.items() if t.is_meta)
         if on_meta:
             raise InvalidArgumentError(
@@ -154,9 +154,9 @@ def load_collective(
         # every rank draws (their generators stay in step); rank 0's draw is used
         seed = choose_seed(plan, init_seed)
         options = (dry_run, on_nonfinite, verify_checksums)
-        return plan, _RankOutcome(digest=_digest(plan, options), seed=seed)
+        return (plan, boxes), _RankOutcome(digest=_digest(plan, options), seed=seed)
 
-    plan, mine, own = _attempt(plan_step)
+    planned, mine, own = _attempt(plan_step)
     outcomes = _agree(mine, own, group, world, "planning")
     digests = {o.digest for o in outcomes}
     if len(digests) > 1:
@@ -166,7 +166,8 @@ def load_collective(
             "differ). Nothing was loaded on any rank. Every rank must call smartload.load with "
             "the same model structure, checkpoint (the same dtypes and sizes) and arguments"
         )
-    assert plan is not None
+    assert planned is not None
+    plan, boxes = planned
     seed = outcomes[0].seed  # rank 0's, on every rank
     checkpoint_bytes = stored_bytes(plan.tensors, plan.sources)
     sharded = sum(1 for e in plan.entries if _is_dtensor(plan.targets[e.key]))
@@ -178,7 +179,7 @@ def load_collective(
     reader = BoxReader(plan.sources, materializer, whole=verify_checksums)
 
     def read_step() -> tuple[dict[str, _Value], _RankOutcome]:
-        values = _read_boxes(plan, model, reader, on_nonfinite, seed, rank, world)
+        values = _read_boxes(plan, boxes, model, reader, on_nonfinite, seed, rank, world)
         return values, _RankOutcome(bytes_read=reader.bytes_read)
 
     try:
@@ -335,6 +336,7 @@ _Value = torch.Tensor | list[Run]
 
 def _read_boxes(
     plan: LoadPlan,
+    boxes: Mapping[str, Box],
     model: torch.nn.Module,
     reader: BoxReader,
     on_nonfinite: str,
@@ -345,7 +347,6 @@ def _read_boxes(
     """This rank's values, every one read and checked; nothing written. Each checkpoint value
     one process would check is checked by some rank: copies by the ranks holding it, the source
     of a slice split across ranks by rows (so a dropped row is checked too)."""
-    boxes = _boxes(plan)
     values: dict[str, _Value] = {}
     checked: dict[str, tuple[torch.Tensor, str]] = {}
     buffers: dict[str, torch.Tensor] = {}

@@ -192,11 +192,15 @@ def test_four_ranks_fsdp_and_hsdp(four_ranks: list[dict[str, Any]]) -> None:
 def test_a_dcp_save_loads_in_its_own_layout_reading_each_ranks_own_chunks(
     ranks: list[dict[str, Any]],
 ) -> None:
-    for result in (r["dcp_same_shape_bytes"] for r in ranks):
-        assert result["error"] is None
-        assert result["equal"] == dict.fromkeys(result["equal"], True)
+    """Every shard equals what torch's own ``dcp.load`` reads there (and, for the same load
+    from a .safetensors file, what safetensors' ``load_file`` reads)."""
+    for rank in ranks:
+        for name in ("dcp_same_shape_bytes", "same_shape_bytes"):
+            equal = rank[name]["equal_to_torch"]
+            assert equal == dict.fromkeys(equal, True) and len(equal) == 8, name
+        result = rank["dcp_same_shape_bytes"]
+        assert result["error"] is None and result["report"]["format"] == "dcp"
         assert result["bytes_outside"] <= 0.55 * result["file_bytes"]
-        assert result["report"]["format"] == "dcp"
 
 
 def test_a_hostile_dcp_metadata_is_refused_on_every_rank(ranks: list[dict[str, Any]]) -> None:
